@@ -1,0 +1,3 @@
+from .swin import Swin
+
+__all__ = ['Swin']

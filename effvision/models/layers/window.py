@@ -1,0 +1,135 @@
+"""Window partitioning for windowed attention, written to stay shape-generic under export.
+
+Partitioning a (padded) token map into windows, optionally after a cyclic shift, is a permutation
+of its tokens, and reassembling plus un-shifting plus cropping the padding is a gather. We build
+both index vectors from ``arange`` arithmetic once per stage and apply them with ``index_select``.
+Compared with the usual ``roll`` + 6-D ``view``/``permute`` + slice, this
+
+* moves the data once per direction instead of up to three times (roll, permute copy, crop);
+* keeps H and W symbolic under ``torch.export``: a reshape of a permuted tensor makes the exporter
+  specialise on the number of windows being 1, and a crop makes it guard on ``H <= padded H``;
+  index arithmetic on tensors creates neither guard.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+import torch.nn.functional as F
+
+
+def round_up(size: int, multiple: int) -> int:
+    """Smallest multiple of ``multiple`` that is >= ``size``.
+
+    Written as ``ceil(size / multiple) * multiple`` so that, for a symbolic ``size``, the result is
+    visibly a multiple and later reshapes need no divisibility guard.
+    """
+    return (size + multiple - 1) // multiple * multiple
+
+
+def pad_to_multiple(x: torch.Tensor, multiple: int, dims: tuple[int, int]) -> torch.Tensor:
+    """Zero-pad two dims of ``x`` at their end up to a multiple of ``multiple``.
+
+    The pad amounts are computed from (possibly symbolic) sizes and applied unconditionally (a pad
+    of zero is a no-op), so no Python branch depends on the input size.
+    """
+    pads = [0] * (2 * x.dim())
+    for dim in dims:
+        dim = dim % x.dim()
+        # F.pad lists pads from the last dim backwards: (last_begin, last_end, prev_begin, ...)
+        pads[2 * (x.dim() - 1 - dim) + 1] = round_up(x.shape[dim], multiple) - x.shape[dim]
+    return F.pad(x, pads)
+
+
+class WindowLayout(NamedTuple):
+    """How tokens of an (H, W) map move into windows of its padded (Hp, Wp) canvas and back.
+
+    Attributes:
+        gather: (Hp * Wp,) index into the row-major padded tokens, one per window slot
+            (``window k, position p`` at ``k * N + p``), after a cyclic shift by ``-shift``.
+        scatter: (H * W,) index into the window slots, one per real token of the (unshifted,
+            uncropped) map: the inverse of ``gather`` restricted to the H x W tokens.
+        num_tokens: N = window * window.
+    """
+
+    gather: torch.Tensor
+    scatter: torch.Tensor
+    num_tokens: int
+
+
+def window_layout(
+    h: int, w: int, window: int, shift: int = 0, device: torch.device | None = None
+) -> WindowLayout:
+    """Index vectors that partition an (h, w) map into windows after padding and shifting.
+
+    Args:
+        h, w: Size of the token map (may be symbolic).
+        window: Window side.
+        shift: Cyclic shift applied before partitioning (the map is rolled by ``-shift``).
+        device: Where to build the indices.
+    """
+    hp, wp = round_up(h, window), round_up(w, window)
+    n = window * window
+    nw = wp // window
+    # Indices come from one flat arange each: broadcasting two symbolic-length aranges against
+    # each other would make the exporter guard on either length being 1.
+    slot = torch.arange((hp // window) * nw * n, device=device)
+    win, pos = slot // n, slot % n
+    # slot (win, pos) of the rolled canvas holds the padded token ((row + shift) % Hp, ...)
+    row = ((win // nw) * window + pos // window + shift) % hp
+    col = ((win % nw) * window + pos % window + shift) % wp
+    gather = row * wp + col
+    # real token (r, c) sits at rolled position ((r - shift) % Hp, (c - shift) % Wp)
+    token = torch.arange(h * w, device=device)
+    r = (token // w - shift) % hp
+    c = (token % w - shift) % wp
+    scatter = ((r // window) * nw + c // window) * n + (r % window) * window + c % window
+    return WindowLayout(gather, scatter, n)
+
+
+def partition(x: torch.Tensor, layout: WindowLayout) -> torch.Tensor:
+    """(B, Hp, Wp, C) padded map -> (B, nW, N, C) windows."""
+    windows = x.flatten(1, 2).index_select(1, layout.gather)
+    return windows.unflatten(1, (-1, layout.num_tokens))
+
+
+def reverse(windows: torch.Tensor, layout: WindowLayout, h: int, w: int) -> torch.Tensor:
+    """(B, nW, N, C) windows -> (B, h, w, C) map, un-shifted and cropped to the real tokens."""
+    tokens = windows.flatten(1, 2).index_select(1, layout.scatter)
+    return tokens.view(windows.shape[0], h, w, windows.shape[-1])
+
+
+def shift_window_mask(
+    h: int, w: int, window: int, shift: int, fill: float, dtype: torch.dtype, device=None
+) -> torch.Tensor:
+    """Additive attention mask of shifted windows over an (h, w) map (padded to the window).
+
+    After the cyclic shift, the last ``window`` rows (and columns) of the padded canvas hold
+    tokens from up to three regions that are not neighbours in the image (bottom/right edge and
+    the wrapped-around top/left); tokens of different regions must not attend to each other.
+
+    Returns:
+        (nW, N, N): 0 within a region, ``fill`` across regions.
+    """
+    hp, wp = round_up(h, window), round_up(w, window)
+    token = torch.arange(hp * wp, device=device)
+    rows, cols = token // wp, token % wp
+    # region label in rolled coordinates: 0 before the last window, 1 inside it before the
+    # shift, 2 after the shift
+    region_h = (rows >= hp - window).long() + (rows >= hp - shift).long()
+    region_w = (cols >= wp - window).long() + (cols >= wp - shift).long()
+    region = (region_h * 3 + region_w).view(1, hp, wp, 1)
+    region = partition(region, window_layout(hp, wp, window, 0, device)).view(-1, window * window)
+    different = region[:, :, None] != region[:, None, :]
+    return different.to(dtype) * fill
+
+
+def to_nchw(x: torch.Tensor) -> torch.Tensor:
+    """(B, H, W, C) -> contiguous (B, C, H, W).
+
+    ``permute(0, 3, 1, 2).contiguous()`` makes ``torch.export`` guard on W != 1 when W is derived
+    from the input size (e.g. after patch merging); going through (B, C, H*W) does not.
+    """
+    b, h, w, c = x.shape
+    return x.flatten(1, 2).transpose(1, 2).contiguous().view(b, c, h, w)

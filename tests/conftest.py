@@ -1,0 +1,51 @@
+"""Shared test fixtures: golden fixtures, markers."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+GOLDEN_ROOT = REPO_ROOT.parent / 'shared' / 'golden'
+
+
+def golden_dir(model: str) -> Path:
+    """The golden fixture folder of ``model``; skips (or fails in CI) when it is absent."""
+    folder = GOLDEN_ROOT / model
+    if not folder.is_dir():
+        reason = f'golden fixtures not found at {folder} (clone the repo next to shared/)'
+        if os.environ.get('EFFVISION_REQUIRE_GOLDEN') == '1':
+            pytest.fail(reason + '; EFFVISION_REQUIRE_GOLDEN=1 forbids skipping')
+        pytest.skip(reason)
+    return folder
+
+
+def load_golden(model: str, case: str) -> dict:
+    return torch.load(golden_dir(model) / f'{case}.pt', weights_only=True)
+
+
+def pytest_collection_modifyitems(config, items):
+    if torch.cuda.is_available():
+        return
+    skip_gpu = pytest.mark.skip(reason='needs a CUDA device')
+    for item in items:
+        if 'gpu' in item.keywords:
+            item.add_marker(skip_gpu)
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    torch.manual_seed(0)
+
+
+@pytest.fixture(scope='session')
+def shapes_root(tmp_path_factory) -> Path:
+    """A small synthetic shapes set (8 train / 4 val at 64x64), generated once per session."""
+    from effvision.datasets.synthetic import generate_shapes
+
+    root = tmp_path_factory.mktemp('data') / 'shapes'
+    generate_shapes(root, num_train=8, num_val=4, size=(64, 64), seed=0)
+    return root

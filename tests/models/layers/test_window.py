@@ -1,0 +1,65 @@
+"""Window layouts: the gather formulation equals roll + partition + reverse + crop."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from effvision.models.layers.window import (
+    pad_to_multiple,
+    partition,
+    reverse,
+    round_up,
+    shift_window_mask,
+    to_nchw,
+    window_layout,
+)
+
+
+def reference_partition(x: torch.Tensor, window: int, shift: int) -> torch.Tensor:
+    """The textbook Swin partition: roll by -shift, 6-D view/permute."""
+    x = torch.roll(x, (-shift, -shift), (1, 2))
+    b, h, w, c = x.shape
+    x = x.view(b, h // window, window, w // window, window, c).permute(0, 1, 3, 2, 4, 5)
+    return x.reshape(b, -1, window * window, c)
+
+
+@pytest.mark.parametrize('size', [(7, 7), (14, 21), (9, 13), (1, 1), (3, 17)])
+@pytest.mark.parametrize('shift', [0, 3])
+def test_partition_and_reverse_match_roll_and_permute(size, shift):
+    h, w = size
+    x = torch.randn(2, h, w, 5)
+    padded = pad_to_multiple(x, 7, dims=(1, 2))
+    layout = window_layout(h, w, 7, shift)
+    windows = partition(padded, layout)
+    torch.testing.assert_close(windows, reference_partition(padded, 7, shift), rtol=0, atol=0)
+    torch.testing.assert_close(reverse(windows, layout, h, w), x, rtol=0, atol=0)
+
+
+def test_round_up_and_pad():
+    assert [round_up(n, 7) for n in (1, 7, 8, 14)] == [7, 7, 14, 14]
+    x = torch.ones(1, 5, 9, 2)
+    y = pad_to_multiple(x, 4, dims=(1, 2))
+    assert y.shape == (1, 8, 12, 2) and y.sum() == x.sum()
+
+
+def test_shift_mask_matches_slice_construction():
+    """Regions built the way the official code does (slice assignment on the padded canvas)."""
+    hp, wp, window, shift = 14, 21, 7, 3
+    img = torch.zeros(1, hp, wp, 1)
+    label = 0
+    for hs in (slice(0, -window), slice(-window, -shift), slice(-shift, None)):
+        for ws in (slice(0, -window), slice(-window, -shift), slice(-shift, None)):
+            img[:, hs, ws, :] = label
+            label += 1
+    regions = reference_partition(img, window, 0).squeeze(-1).squeeze(0)
+    expected = (regions[:, None, :] - regions[:, :, None] != 0).float() * -100.0
+    torch.testing.assert_close(
+        shift_window_mask(hp, wp, window, shift, -100.0, torch.float32), expected
+    )
+
+
+def test_to_nchw():
+    x = torch.randn(2, 3, 5, 4)
+    assert torch.equal(to_nchw(x), x.permute(0, 3, 1, 2))
+    assert to_nchw(x).is_contiguous()
