@@ -10,7 +10,7 @@ a third-party package gets no fallback import, so they are mandatory.
 We never register a name that already exists upstream: a child registry would silently shadow it.
 """
 
-from mmengine.registry import Registry
+from mmengine.registry import Registry as MMEngineRegistry
 from mmseg.registry import DATA_SAMPLERS as MMSEG_DATA_SAMPLERS
 from mmseg.registry import DATASETS as MMSEG_DATASETS
 from mmseg.registry import EVALUATOR as MMSEG_EVALUATOR
@@ -34,6 +34,22 @@ from mmseg.registry import VISUALIZERS as MMSEG_VISUALIZERS
 from mmseg.registry import WEIGHT_INITIALIZERS as MMSEG_WEIGHT_INITIALIZERS
 
 SCOPE = 'effvision'
+
+
+class Registry(MMEngineRegistry):
+    """A registry that also imports its parent's ``locations`` when it imports its own.
+
+    mmengine looks a plain name up in the parents' tables without importing the modules that
+    fill them, so with ``default_scope='effvision'`` a name such as ``SegLocalVisualizer``
+    (registered on import of ``mmseg.visualization``) would not be found unless something else
+    had imported it first.
+    """
+
+    def import_from_location(self) -> None:
+        super().import_from_location()
+        if self.parent is not None:
+            self.parent.import_from_location()
+
 
 MODELS = Registry('model', parent=MMSEG_MODELS, scope=SCOPE, locations=['effvision.models'])
 MODEL_WRAPPERS = Registry(

@@ -49,3 +49,7 @@ def shapes_root(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp('data') / 'shapes'
     generate_shapes(root, num_train=8, num_val=4, size=(64, 64), seed=0)
     return root
+
+
+QUICKSTART = REPO_ROOT / 'configs/quickstart/upernet_swin-nano_1xb8-2k_shapes-128x128.py'
+TINY_CONFIG = REPO_ROOT / 'tests/data/tiny_fcn-r18_1xb2_shapes-64x64.py'

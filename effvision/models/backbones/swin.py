@@ -36,6 +36,7 @@ from torch import nn
 
 from effvision.models.layers.window import (
     WindowLayout,
+    floor_mod,
     pad_to_multiple,
     partition,
     reverse,
@@ -95,8 +96,8 @@ class PatchMerging(nn.Module):
         # One gather from a flat arange instead of four strided slices + cat: same numbers, and
         # torch.export keeps H and W symbolic (slicing and broadcasting make it guard on sizes 1).
         k = torch.arange(ho * wo * 4, device=x.device)
-        q, j, i = k % 4, (k // 4) % wo, k // (4 * wo)
-        x = x.flatten(1, 2).index_select(1, (2 * i + q % 2) * wp + 2 * j + q // 2)
+        q, j, i = floor_mod(k, 4), floor_mod(k // 4, wo), k // (4 * wo)
+        x = x.flatten(1, 2).index_select(1, (2 * i + floor_mod(q, 2)) * wp + 2 * j + q // 2)
         return self.reduction(self.norm(x.view(b, ho, wo, 4 * c)))
 
 
@@ -144,10 +145,13 @@ class WindowAttention(nn.Module):
             (B, nW, N, C).
         """
         b, nw, n, c = x.shape
-        qkv = self.qkv(x).view(b, nw, n, 3, self.num_heads, c // self.num_heads)
-        q, k, v = qkv.permute(3, 0, 1, 4, 2, 5).unbind(0)  # each (B, nW, heads, N, head_dim)
-        bias = self.relative_position_bias().to(q.dtype)
-        attn_mask = bias if mask is None else bias + mask[:, None]  # (nW?, heads, N, N)
+        # windows go to the batch dim: 4-D SDPA takes PyTorch's fused CPU/GPU kernels, 5-D the
+        # slow math path (2.6x slower forward + backward on CPU)
+        qkv = self.qkv(x).view(b * nw, n, 3, self.num_heads, c // self.num_heads)
+        q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # each (B*nW, heads, N, head_dim)
+        attn_mask = self.relative_position_bias().to(q.dtype)  # (heads, N, N)
+        if mask is not None:
+            attn_mask = (attn_mask + mask[:, None]).repeat(b, 1, 1, 1)  # (B*nW, heads, N, N)
         x = F.scaled_dot_product_attention(
             q,
             k,
@@ -156,7 +160,7 @@ class WindowAttention(nn.Module):
             dropout_p=self.attn_drop if self.training else 0.0,
             scale=self.scale,
         )
-        x = x.transpose(2, 3).reshape(b, nw, n, c)
+        x = x.transpose(1, 2).reshape(b, nw, n, c)
         return self.proj_drop(self.proj(x))
 
 

@@ -42,6 +42,15 @@ def pad_to_multiple(x: torch.Tensor, multiple: int, dims: tuple[int, int]) -> to
     return F.pad(x, pads)
 
 
+def floor_mod(a: torch.Tensor, n: int) -> torch.Tensor:
+    """``a % n`` (non-negative for n > 0), written with floor division.
+
+    ``tensor % symbolic_int`` exports as ``aten.remainder.Scalar``, which the ONNX exporter
+    (onnxscript 0.7) cannot translate; floor division and a product can.
+    """
+    return a - (a // n) * n
+
+
 class WindowLayout(NamedTuple):
     """How tokens of an (H, W) map move into windows of its padded (Hp, Wp) canvas and back.
 
@@ -75,16 +84,17 @@ def window_layout(
     # Indices come from one flat arange each: broadcasting two symbolic-length aranges against
     # each other would make the exporter guard on either length being 1.
     slot = torch.arange((hp // window) * nw * n, device=device)
-    win, pos = slot // n, slot % n
+    win, pos = slot // n, floor_mod(slot, n)
     # slot (win, pos) of the rolled canvas holds the padded token ((row + shift) % Hp, ...)
-    row = ((win // nw) * window + pos // window + shift) % hp
-    col = ((win % nw) * window + pos % window + shift) % wp
+    row = floor_mod((win // nw) * window + pos // window + shift, hp)
+    col = floor_mod(floor_mod(win, nw) * window + floor_mod(pos, window) + shift, wp)
     gather = row * wp + col
     # real token (r, c) sits at rolled position ((r - shift) % Hp, (c - shift) % Wp)
     token = torch.arange(h * w, device=device)
-    r = (token // w - shift) % hp
-    c = (token % w - shift) % wp
-    scatter = ((r // window) * nw + c // window) * n + (r % window) * window + c % window
+    r = floor_mod(token // w - shift, hp)
+    c = floor_mod(floor_mod(token, w) - shift, wp)
+    scatter = ((r // window) * nw + c // window) * n + floor_mod(r, window) * window
+    scatter = scatter + floor_mod(c, window)
     return WindowLayout(gather, scatter, n)
 
 
@@ -114,7 +124,7 @@ def shift_window_mask(
     """
     hp, wp = round_up(h, window), round_up(w, window)
     token = torch.arange(hp * wp, device=device)
-    rows, cols = token // wp, token % wp
+    rows, cols = token // wp, floor_mod(token, wp)
     # region label in rolled coordinates: 0 before the last window, 1 inside it before the
     # shift, 2 after the shift
     region_h = (rows >= hp - window).long() + (rows >= hp - shift).long()

@@ -1,0 +1,50 @@
+"""Export-time rewrites: equal to the modules they replace, and right at every size in ONNX."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnxruntime as ort
+import pytest
+import torch
+from torch import nn
+
+from effvision.deploy.rewrites import ExportableAdaptiveAvgPool2d, make_exportable
+
+
+@pytest.mark.parametrize('out', [1, 2, 3, 6, (2, 5)])
+@pytest.mark.parametrize('size', [(4, 4), (5, 6), (13, 17), (1, 9)])
+def test_pool_equals_adaptive_avg_pool(out, size):
+    x = torch.randn(2, 3, *size, dtype=torch.float64)
+    torch.testing.assert_close(ExportableAdaptiveAvgPool2d(out)(x), nn.AdaptiveAvgPool2d(out)(x))
+
+
+def test_make_exportable_swaps_pools_in_a_copy():
+    model = nn.Sequential(nn.Conv2d(3, 4, 1), nn.Sequential(nn.AdaptiveAvgPool2d(3)))
+    rewritten = make_exportable(model)
+    assert isinstance(model[1][0], nn.AdaptiveAvgPool2d)  # the original is untouched
+    assert isinstance(rewritten[1][0], ExportableAdaptiveAvgPool2d)
+    x = torch.randn(1, 3, 11, 7)
+    torch.testing.assert_close(rewritten(x), model(x))
+
+
+def test_pool_stays_correct_at_other_sizes_in_onnx(tmp_path):
+    """The upstream translation of adaptive_avg_pool2d keeps the example's bins (wrong at 13x17
+    after exporting at 4x4); the rewrite must be right everywhere."""
+
+    class Pool(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.pool = ExportableAdaptiveAvgPool2d(6)
+
+        def forward(self, x):
+            return self.pool(x)
+
+    dims = {2: torch.export.Dim('h', min=2, max=512), 3: torch.export.Dim('w', min=2, max=512)}
+    program = torch.export.export(Pool(), (torch.randn(1, 4, 8, 8),), dynamic_shapes=(dims,))
+    path = tmp_path / 'pool.onnx'
+    torch.onnx.export(program, dynamo=True).save(str(path))
+    session = ort.InferenceSession(str(path))
+    for size in [(8, 8), (13, 17), (40, 9)]:
+        x = torch.randn(1, 4, *size)
+        (out,) = session.run(None, {session.get_inputs()[0].name: x.numpy()})
+        np.testing.assert_allclose(out, nn.AdaptiveAvgPool2d(6)(x).numpy(), atol=1e-5)
