@@ -51,5 +51,5 @@ def shapes_root(tmp_path_factory) -> Path:
     return root
 
 
-QUICKSTART = REPO_ROOT / 'configs/quickstart/upernet_swin-nano_1xb8-2k_shapes-128x128.py'
+QUICKSTART = REPO_ROOT / 'configs/quickstart/upernet_swin-nano_1xb8-800_shapes-128x128.py'
 TINY_CONFIG = REPO_ROOT / 'tests/data/tiny_fcn-r18_1xb2_shapes-64x64.py'

@@ -10,7 +10,7 @@ Same flags and the same ``work_dirs/<config stem>`` layout as mmseg, plus:
 
 Examples::
 
-    python tools/train.py configs/quickstart/upernet_swin-nano_1xb8-2k_shapes-128x128.py
+    python tools/train.py configs/quickstart/upernet_swin-nano_1xb8-800_shapes-128x128.py
     python tools/train.py CONFIG --resume                      # latest in the work dir
     python tools/train.py CONFIG --resume work_dirs/x/iter_1000.pth
     python tools/train.py CONFIG --cfg-options train_cfg.max_iters=200 --amp

@@ -156,11 +156,11 @@ def init_model(
     from mmengine.config import Config
     from mmengine.model.utils import revert_sync_batchnorm
     from mmengine.registry import init_default_scope
-    from mmengine.runner.checkpoint import _load_checkpoint_to_model
 
     from effvision.utils import (
         CheckpointError,
         allow_mmengine_checkpoints,
+        extract_state_dict,
         load_checkpoint_file,
         register_all_modules,
     )
@@ -196,8 +196,7 @@ def init_model(
                 f'checkpoint {os.fspath(checkpoint)} does not hold a dict of weights '
                 f'(got {type(ckpt).__name__})'
             )
-        # mmengine's loader: strips `module.`, reports missing/unexpected keys in the log.
-        _load_checkpoint_to_model(model, ckpt, strict=False, revise_keys=[(r'^module\.', '')])
+        _load_exactly(model, extract_state_dict(ckpt), os.fspath(checkpoint))
         dataset_meta = (ckpt.get('meta') or {}).get('dataset_meta')
     num_classes = getattr(getattr(model, 'decode_head', None), 'num_classes', 0)
     if not dataset_meta or 'classes' not in dataset_meta:
@@ -213,6 +212,31 @@ def init_model(
     model.to(device)
     model.eval()
     return model
+
+
+def _load_exactly(model: nn.Module, state: dict, name: str) -> None:
+    """Loads a whole-model state dict; any missing, unexpected or mis-shaped key is an error.
+
+    A segmentor checkpoint that does not fit its config (another backbone width, another number
+    of classes) would otherwise run with random weights where keys did not match.
+    """
+    from effvision.utils import CheckpointError, describe_key_mismatch
+
+    own = model.state_dict()
+    shapes = [
+        f'{k} {tuple(v.shape)} vs {tuple(own[k].shape)}'
+        for k, v in state.items()
+        if k in own and own[k].shape != v.shape
+    ]
+    missing = [k for k in own if k not in state]
+    unexpected = [k for k in state if k not in own]
+    if shapes or missing or unexpected:
+        raise CheckpointError(
+            f'checkpoint {name} does not fit the model built from the config: '
+            + describe_key_mismatch(missing, unexpected, shapes)
+            + '. Pass the config the checkpoint was trained with.'
+        )
+    model.load_state_dict(state, strict=True)
 
 
 def _test_pipeline(cfg: Config) -> Compose:

@@ -68,6 +68,23 @@ def test_init_model_missing_checkpoint_names_the_file(config, tmp_path):
         init_model(config, tmp_path / 'nope.pth')
 
 
+def test_init_model_rejects_a_checkpoint_that_does_not_fit(model, config, tmp_path):
+    from effvision.utils import CheckpointError
+
+    state = dict(model.state_dict())
+    name, weight = next((k, v) for k, v in state.items() if k.startswith('decode_head.conv_seg.w'))
+    state[name] = torch.zeros(19, *weight.shape[1:])  # trained with another number of classes
+    state.pop(next(k for k in state if k.startswith('backbone.')))
+    state['head.fc.weight'] = torch.zeros(2, 2)
+    path = tmp_path / 'other.pth'
+    torch.save({'state_dict': state}, path)
+    with pytest.raises(CheckpointError) as info:
+        init_model(config, path)
+    message = str(info.value)
+    assert '1 missing: backbone.' in message and '1 unexpected: head.fc.weight' in message
+    assert f'1 shape mismatch: {name} (19,' in message and 'Pass the config' in message
+
+
 def _scene(h: int = 50, w: int = 70) -> np.ndarray:
     """An odd-sized BGR image with some structure (the model is untrained: any input will do)."""
     rng = np.random.default_rng(0)
@@ -98,6 +115,13 @@ def test_grayscale_and_rgba_files_are_converted_not_rejected(model, tmp_path):
         results[0].seg_logits.data, gray3.seg_logits.data, rtol=1e-4, atol=1e-4
     )
     assert results[0].img_path == str(tmp_path / 'gray.png')
+
+
+def test_image_smaller_than_one_window(model):
+    """12x9 px is below one 7/8-token window even at stride 4: padded inside, cropped back."""
+    result = inference_model(model, _scene(12, 9))
+    assert result.pred_sem_seg.data.shape == (1, 12, 9)
+    assert torch.isfinite(result.seg_logits.data).all()
 
 
 @pytest.mark.parametrize('layout', ['HW', 'HW1', 'HW4', 'uint16', 'float01'])

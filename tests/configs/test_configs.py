@@ -1,0 +1,98 @@
+"""Every config in configs/ builds, trains one iteration and predicts on the synthetic set."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from mmengine.config import Config
+from mmengine.dataset import pseudo_collate
+from mmengine.model.utils import revert_sync_batchnorm
+from mmengine.optim import build_optim_wrapper
+
+from effvision.registry import DATASETS, MODELS
+from effvision.utils import register_all_modules
+from tests.conftest import REPO_ROOT
+
+CONFIGS = sorted(p for p in (REPO_ROOT / 'configs').rglob('*.py') if '_base_' not in p.parts)
+SIZE = (64, 64)
+
+
+def test_configs_are_collected():
+    assert len(CONFIGS) >= 4
+
+
+@pytest.fixture(scope='module')
+def shapes_batch(shapes_root):
+    register_all_modules()
+    dataset = DATASETS.build(
+        dict(
+            type='ShapesDataset',
+            data_root=str(shapes_root),
+            data_prefix=dict(img_path='images/training', seg_map_path='annotations/training'),
+            pipeline=[
+                dict(type='LoadImageFromFile'),
+                dict(type='LoadAnnotations'),
+                dict(type='Resize', scale=SIZE, keep_ratio=False),
+                dict(type='PackSegInputs'),
+            ],
+        )
+    )
+    return pseudo_collate([dataset[0], dataset[1]])
+
+
+@pytest.mark.parametrize('path', CONFIGS, ids=lambda p: str(p.relative_to(REPO_ROOT / 'configs')))
+def test_config_trains_and_predicts(path: Path, shapes_batch):
+    cfg = Config.fromfile(path)
+    assert cfg.default_scope == 'effvision'
+    cfg.model.data_preprocessor.size = SIZE
+    cfg.model.backbone.init_cfg = None  # published weights cannot be downloaded in tests
+    register_all_modules()
+    model = revert_sync_batchnorm(MODELS.build(cfg.model))
+    model.init_weights()
+    optim_wrapper = build_optim_wrapper(model, cfg.optim_wrapper)
+    model.train()
+    losses = model.train_step(shapes_batch, optim_wrapper)
+    assert losses and all(torch.isfinite(v).all() for v in losses.values())
+    model.eval()
+    with torch.no_grad():
+        predictions = model.val_step(shapes_batch)
+    assert len(predictions) == 2
+    assert predictions[0].pred_sem_seg.data.shape[-2:] == SIZE
+
+
+SWIN_ADE = sorted(
+    (REPO_ROOT / 'configs' / 'swin').glob('upernet_swin-*_8xb2-160k_ade20k-512x512.py')
+)
+
+
+@pytest.mark.parametrize('path', SWIN_ADE, ids=lambda p: p.stem)
+def test_swin_ade20k_configs_follow_the_official_recipe(path: Path):
+    cfg = Config.fromfile(path)
+    optimizer = cfg.optim_wrapper.optimizer
+    assert (optimizer.type, optimizer.lr, tuple(optimizer.betas), optimizer.weight_decay) == (
+        'AdamW', 6e-5, (0.9, 0.999), 0.01,
+    )  # fmt: skip
+    warmup, poly = cfg.param_scheduler
+    assert (warmup.type, warmup.end, poly.type, poly.begin, poly.end, poly.power) == (
+        'LinearLR', 1500, 'PolyLR', 1500, 160000, 1.0,
+    )  # fmt: skip
+    assert cfg.train_cfg.max_iters == 160000
+    assert cfg.train_dataloader.batch_size * 8 == 16
+    assert cfg.model.decode_head.type == 'UPerHead' and cfg.model.auxiliary_head.type == 'FCNHead'
+    assert cfg.model.backbone.init_cfg.type == 'Pretrained'
+    # no decay on norms and position-bias tables
+    with torch.device('meta'):
+        register_all_modules()
+        cfg.model.backbone.init_cfg = None
+        model = MODELS.build(cfg.model)
+    wrapper = build_optim_wrapper(model, cfg.optim_wrapper)
+    table = model.backbone.stages[0].blocks[0].attn.relative_position_bias_table
+    norm = model.backbone.stages[0].blocks[0].norm1.weight
+    qkv = model.backbone.stages[0].blocks[0].attn.qkv.weight
+    for group in wrapper.optimizer.param_groups:
+        if any(p is table or p is norm for p in group['params']):
+            assert group['weight_decay'] == 0.0
+        if any(p is qkv for p in group['params']):
+            assert group['weight_decay'] == 0.01
