@@ -53,3 +53,8 @@ def shapes_root(tmp_path_factory) -> Path:
 
 QUICKSTART = REPO_ROOT / 'configs/quickstart/upernet_swin-nano_1xb8-800_shapes-128x128.py'
 TINY_CONFIG = REPO_ROOT / 'tests/data/tiny_fcn-r18_1xb2_shapes-64x64.py'
+
+
+def data_options(root: Path) -> list[str]:
+    """--cfg-options pointing every dataloader of a config at the shapes set in ``root``."""
+    return [f'{split}_dataloader.dataset.data_root={root}' for split in ('train', 'val', 'test')]

@@ -19,17 +19,20 @@ Examples::
 from __future__ import annotations
 
 import argparse
-import os
 import os.path as osp
-import sys
-from typing import NoReturn
+
+from effvision.cli import (
+    add_runner_arguments,
+    fail,
+    load_runner_config,
+    parse_runner_args,
+    require_config,
+    run,
+)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     """Parses the command line (mmseg 1.2.2's flags; ``--resume`` as in mmdet 3.x)."""
-    # DictAction is tiny; importing it here keeps `--help` and path errors fast enough.
-    from mmengine.config import DictAction
-
     parser = argparse.ArgumentParser(description='Train a segmentor')
     parser.add_argument('config', help='train config file path')
     parser.add_argument('--work-dir', help='the dir to save logs and models')
@@ -47,68 +50,23 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         default=False,
         help='enable automatic-mixed-precision training',
     )
-    parser.add_argument(
-        '--cfg-options',
-        nargs='+',
-        action=DictAction,
-        help='override some settings in the used config, the key-value pair in xxx=yyy format '
-        'will be merged into config file. If the value to be overwritten is a list, it should '
-        'be like key="[a,b]" or key=a,b. It also allows nested list/tuple values, e.g. '
-        'key="[(a,b),(c,d)]". Note that the quotation marks are necessary and that no white '
-        'space is allowed.',
-    )
-    parser.add_argument(
-        '--launcher',
-        choices=['none', 'pytorch', 'slurm', 'mpi'],
-        default='none',
-        help='job launcher',
-    )
-    # torch.distributed launchers >= 2.0 pass `--local-rank`; older ones `--local_rank`.
-    parser.add_argument('--local_rank', '--local-rank', type=int, default=0)
-    args = parser.parse_args(argv)
-    if 'LOCAL_RANK' not in os.environ:
-        os.environ['LOCAL_RANK'] = str(args.local_rank)
-    return args
-
-
-def _fail(message: str) -> NoReturn:
-    """Exits with one line on stderr and status 1 (no traceback: the message says what to do)."""
-    sys.exit(f'train.py: error: {message}')
+    add_runner_arguments(parser)
+    return parse_runner_args(parser, argv)
 
 
 def main(argv: list[str] | None = None) -> None:
     """Builds the runner from the config and the command line, then trains."""
     args = parse_args(argv)
-    if not osp.isfile(args.config):
-        _fail(f'config file not found: {args.config!r}; pass the path of an existing config file.')
+    require_config('train.py', args.config)
     if args.resume not in (None, 'auto') and not osp.isfile(args.resume):
-        _fail(
+        fail(
+            'train.py',
             f'checkpoint to resume from not found: {args.resume!r}; pass an existing .pth file, '
-            'or `--resume` alone to resume from the latest checkpoint in the work dir.'
+            'or `--resume` alone to resume from the latest checkpoint in the work dir.',
         )
-
-    from mmengine.config import Config
     from mmengine.logging import print_log
-    from mmengine.runner import Runner
 
-    from effvision.registry import RUNNERS
-    from effvision.utils import explain_unknown_type, register_all_modules
-    from effvision.utils.checkpoint import allow_mmengine_checkpoints
-
-    register_all_modules(init_default_scope=True)
-    # Resuming and `load_from` go through mmengine's torch.load without `weights_only`.
-    allow_mmengine_checkpoints()
-
-    cfg = Config.fromfile(args.config)
-    cfg.launcher = args.launcher
-    if args.cfg_options is not None:
-        cfg.merge_from_dict(args.cfg_options)
-
-    # work_dir priority: CLI > config > ./work_dirs/<config stem> (mmseg's rule).
-    if args.work_dir is not None:
-        cfg.work_dir = args.work_dir
-    elif cfg.get('work_dir', None) is None:
-        cfg.work_dir = osp.join('./work_dirs', osp.splitext(osp.basename(args.config))[0])
+    cfg = load_runner_config(args)
 
     if args.amp:
         optim_wrapper = cfg.optim_wrapper.get('type', 'OptimWrapper')
@@ -118,9 +76,10 @@ def main(argv: list[str] | None = None) -> None:
             cfg.optim_wrapper.type = 'AmpOptimWrapper'
             cfg.optim_wrapper.loss_scale = 'dynamic'
         else:
-            _fail(
+            fail(
+                'train.py',
                 f'--amp needs optim_wrapper.type OptimWrapper or AmpOptimWrapper, the config has '
-                f'{optim_wrapper!r}; drop --amp or change optim_wrapper.type.'
+                f'{optim_wrapper!r}; drop --amp or change optim_wrapper.type.',
             )
 
     if args.resume == 'auto':
@@ -131,15 +90,7 @@ def main(argv: list[str] | None = None) -> None:
         cfg.resume = True
         cfg.load_from = args.resume
 
-    try:
-        runner = Runner.from_cfg(cfg) if 'runner_type' not in cfg else RUNNERS.build(cfg)
-        runner.train()
-    except KeyError as err:
-        # mmengine's "X is not in the S::N registry": say which names are close instead
-        message = explain_unknown_type(err)
-        if message is None:
-            raise
-        _fail(message)
+    run('train.py', cfg, 'train')
 
 
 if __name__ == '__main__':

@@ -20,11 +20,6 @@ def config(request) -> Path:
     return QUICKSTART if request.param == 'quickstart' else TINY_CONFIG
 
 
-def data_options(root: Path) -> list[str]:
-    """--cfg-options pointing every dataloader of either config at ``root``."""
-    return [f'{split}_dataloader.dataset.data_root={root}' for split in ('train', 'val', 'test')]
-
-
 @pytest.fixture(scope='module')
 def model(config):
     return init_model(config, device='cpu')

@@ -22,11 +22,6 @@ def config(request) -> Path:
     return QUICKSTART if request.param == 'quickstart' else TINY_CONFIG
 
 
-def data_options(root: Path) -> list[str]:
-    """--cfg-options pointing every dataloader of either config at ``root``."""
-    return [f'{split}_dataloader.dataset.data_root={root}' for split in ('train', 'val', 'test')]
-
-
 @pytest.fixture(scope='module')
 def checkpoint(config, tmp_path_factory) -> Path:
     """Random weights of ``config``'s model, saved as tools/train.py would (with dataset_meta)."""

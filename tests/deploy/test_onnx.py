@@ -23,7 +23,7 @@ from effvision.deploy.onnx import (
     format_parity,
     second_shape,
 )
-from tests.conftest import QUICKSTART, TINY_CONFIG
+from tests.conftest import QUICKSTART, TINY_CONFIG, data_options
 from tests.conftest import REPO_ROOT as REPO
 
 
@@ -33,11 +33,6 @@ from tests.conftest import REPO_ROOT as REPO
 def config(request) -> Path:
     """A config file path: the tiny fixture or the quickstart config."""
     return QUICKSTART if request.param == 'quickstart' else TINY_CONFIG
-
-
-def data_options(root: Path) -> list[str]:
-    """--cfg-options pointing every dataloader of either config at ``root``."""
-    return [f'{split}_dataloader.dataset.data_root={root}' for split in ('train', 'val', 'test')]
 
 
 PARITY = re.compile(

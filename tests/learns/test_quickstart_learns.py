@@ -11,7 +11,7 @@ import subprocess
 import sys
 
 from effvision.datasets.synthetic import CLASSES, generate_shapes
-from tests.conftest import QUICKSTART, REPO_ROOT
+from tests.conftest import QUICKSTART, REPO_ROOT, data_options
 
 # Measured by `make demo` on 2 CPU cores (README "What works"); chance level is ~1/9 per class.
 README_MIOU = 70.97
@@ -23,10 +23,9 @@ def test_quickstart_reaches_the_readme_miou(tmp_path):
     data = tmp_path / 'shapes'
     generate_shapes(data, seed=0)  # the defaults make_shapes.py writes for the quickstart
     work_dir = tmp_path / 'work'
-    options = [f'{s}_dataloader.dataset.data_root={data}' for s in ('train', 'val', 'test')]
     proc = subprocess.run(
         [sys.executable, 'tools/train.py', str(QUICKSTART), '--work-dir', str(work_dir),
-         '--cfg-options', *options],
+         '--cfg-options', *data_options(data)],
         cwd=REPO_ROOT, capture_output=True, text=True, timeout=1200,
     )  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-3000:]

@@ -12,8 +12,9 @@ from pathlib import Path
 import cv2
 import numpy as np
 import pytest
+import torch
 
-from tests.conftest import QUICKSTART, TINY_CONFIG
+from tests.conftest import QUICKSTART, TINY_CONFIG, data_options
 from tests.conftest import REPO_ROOT as REPO
 
 
@@ -23,11 +24,6 @@ from tests.conftest import REPO_ROOT as REPO
 def config(request) -> Path:
     """A config file path: the tiny fixture or the quickstart config."""
     return QUICKSTART if request.param == 'quickstart' else TINY_CONFIG
-
-
-def data_options(root: Path) -> list[str]:
-    """--cfg-options pointing every dataloader of either config at ``root``."""
-    return [f'{split}_dataloader.dataset.data_root={root}' for split in ('train', 'val', 'test')]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -168,6 +164,21 @@ def test_test_tool_missing_or_corrupt_checkpoint_is_one_line_error(tmp_path):
     proc = run('python', REPO / 'tools/test.py', config, corrupt)
     assert proc.returncode != 0 and 'Traceback' not in proc.stderr
     assert 'corrupt.pth' in proc.stderr.strip().splitlines()[-1]
+
+
+@pytest.mark.parametrize('tool', ['train', 'test'])
+def test_unknown_type_is_one_line_error_with_close_matches(tool, tmp_path, shapes_root):
+    config = tmp_path / 'typo.py'
+    config.write_text(TINY_CONFIG.read_text().replace("type='ResNetV1c'", "type='ResNetV1x'"))
+    args = ['python', REPO / f'tools/{tool}.py', config]
+    if tool == 'test':
+        checkpoint = tmp_path / 'any.pth'
+        torch.save({'state_dict': {}}, checkpoint)
+        args.append(checkpoint)
+    proc = run(*args, '--work-dir', tmp_path / 'w', '--cfg-options', *data_options(shapes_root))
+    assert proc.returncode != 0 and 'Traceback' not in proc.stderr
+    line = proc.stderr.strip().splitlines()[-1]
+    assert "unknown type 'ResNetV1x'" in line and 'Did you mean' in line and 'ResNetV1c' in line
 
 
 def test_resume_from_missing_file_is_one_line_error(tmp_path):
