@@ -65,7 +65,7 @@ cached="$WHEELS/$key"
 if ! "$PY" -c "import mmcv, mmcv._ext; assert mmcv.__version__ == '$MMCV_VERSION'" 2>/dev/null; then
     if ! ls "$cached"/mmcv-*.whl >/dev/null 2>&1; then
         say "building mmcv $MMCV_VERSION with $ops for torch $torch_version ($cxx_std);" \
-            "this takes about 11 minutes on 2 cores, once: the wheel is cached in $cached"
+            "this takes about 16 minutes on 2 cores, once: the wheel is cached in $cached"
         build=$(mktemp -d)
         trap 'rm -rf "$build"' EXIT
         # mmcv's setup.py imports pkg_resources, which setuptools >= 82 no longer has, and torch
