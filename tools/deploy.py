@@ -45,6 +45,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         '--dynamic', action='store_true', help='keep batch, height and width symbolic'
     )
     parser.add_argument(
+        '--check-sizes',
+        nargs='+',
+        default=[],
+        metavar='HxW',
+        type=_size,
+        help='with --dynamic: more sizes to check besides the example and a second one, '
+        'e.g. 200x264 512x512',
+    )
+    parser.add_argument(
         '--image',
         help="image for the parity check. Default: the first image of the config's val dataset",
     )
@@ -63,6 +72,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help='override some settings in the used config, in xxx=yyy format',
     )
     return parser.parse_args(argv)
+
+
+def _size(text: str) -> tuple[int, int]:
+    try:
+        h, w = (int(v) for v in text.lower().split('x'))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f'expected HxW, e.g. 200x264, got {text!r}') from None
+    return h, w
 
 
 def _fail(message: str) -> NoReturn:
@@ -152,6 +169,7 @@ def main(argv: list[str] | None = None) -> int:
             dynamic=args.dynamic,
             opset=args.opset or DEFAULT_OPSET,
             min_agreement=args.min_agreement,
+            extra_sizes=args.check_sizes,
             extra_meta={
                 'config': osp.abspath(args.config),
                 'checkpoint': osp.abspath(args.checkpoint),

@@ -537,6 +537,7 @@ def export_onnx(
     min_agreement: float = 0.999,
     dataset_meta: dict[str, Any] | None = None,
     extra_meta: dict[str, Any] | None = None,
+    extra_sizes: Sequence[tuple[int, int]] = (),
 ) -> tuple[bool, list[ParityResult], Path]:
     """Exports a segmentor to ``out_dir/end2end.onnx`` + ``deploy.json`` and checks parity.
 
@@ -557,6 +558,7 @@ def export_onnx(
         min_agreement: Fraction of pixels whose class must agree, at every checked size.
         dataset_meta: ``classes`` and ``palette``; default ``segmentor.dataset_meta``.
         extra_meta: More keys for ``deploy.json`` (e.g. config and checkpoint paths).
+        extra_sizes: More (H, W) sizes to check a dynamic export at.
 
     Returns:
         (passed, parity results, path of the written or rejected ONNX file).
@@ -651,7 +653,9 @@ def export_onnx(
 
     onnx_path, meta_path = out_dir / ONNX_FILE, out_dir / META_FILE
     rejected_onnx, rejected_meta = out_dir / REJECTED_ONNX_FILE, out_dir / REJECTED_META_FILE
-    sizes = [tuple(shape)] + ([second_shape(*shape)] if dynamic else [])
+    if extra_sizes and not dynamic:
+        raise ExportError('extra check sizes need a dynamic export: a static graph has one size')
+    sizes = [tuple(shape)] + ([second_shape(*shape), *map(tuple, extra_sizes)] if dynamic else [])
     tmp_onnx, tmp_meta = _temp_path(onnx_path), _temp_path(meta_path)
     try:
         onnx.save_model(model_proto, tmp_onnx)

@@ -108,14 +108,18 @@ def test_dynamic_export_checks_a_second_size_and_runs_at_others(
 ):
     out = tmp_path / 'dynamic'
     image = sorted((shapes_root / 'images' / 'validation').iterdir())[1]
-    proc = deploy(config, checkpoint, '--out-dir', out, '--dynamic', '--image', image)
+    proc = deploy(
+        config, checkpoint, '--out-dir', out, '--dynamic', '--image', image,
+        '--check-sizes', '72x100',
+    )  # fmt: skip
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
     match = PARITY.search(proc.stdout)
     assert match, proc.stdout
     h, w = crop_size(config)
     h2, w2 = second_shape(h, w)
-    assert match['sizes'] == f'1x{h}x{w}, 2x{h2}x{w2}'
-    assert float(match['agree']) >= 99.9 and int(match['pixels']) == h * w + 2 * h2 * w2
+    assert match['sizes'] == f'1x{h}x{w}, 2x{h2}x{w2}, 2x72x100'
+    pixels = h * w + 2 * h2 * w2 + 2 * 72 * 100
+    assert float(match['agree']) >= 99.9 and int(match['pixels']) == pixels
 
     graph = onnx.load(out / 'end2end.onnx').graph
     dims = [d.dim_param or d.dim_value for d in graph.input[0].type.tensor_type.shape.dim]
@@ -206,6 +210,8 @@ def test_static_export_of_the_same_model_is_fine_and_failed_parity_is_not_publis
     assert sorted(p.name for p in tmp_path.iterdir()) == [
         'deploy.json', 'deploy.rejected.json', 'end2end.onnx', 'end2end.rejected.onnx'
     ]  # fmt: skip
+    with pytest.raises(ExportError, match='need a dynamic export'):
+        export_onnx(pinning_model, tmp_path, _image(), shape=(64, 64), extra_sizes=[(80, 80)])
 
 
 def test_cli_errors_are_one_line(tmp_path):

@@ -5,11 +5,12 @@ Reference: the official dense code, SwinTransformer/Swin-Transformer-Semantic-Se
 (``mmseg/models/backbones/swin_transformer.py`` @ 87e6f90), which our outputs match to float64
 round-off. Written anew; what differs and why:
 
-* The shifted-window mask is built from tensor arithmetic on the padded size instead of slice
-  assignment, and padding is always applied (possibly by zero), so H and W stay symbolic under
-  ``torch.export`` (dynamic-shape ONNX export).
-* Attention runs through ``F.scaled_dot_product_attention`` with the relative position bias and the
-  shift mask folded into one additive mask.
+* Window partition, cyclic shift, window reverse and the crop of the padding are one gather each
+  way, patch merging is a gather too, the shift mask comes from index arithmetic, and padding is
+  always applied (possibly by zero): H and W stay symbolic under ``torch.export``, so dynamic-shape
+  ONNX graphs are right at every size (``effvision/models/layers/window.py``).
+* Attention runs through ``F.scaled_dot_product_attention`` on (windows x batch, heads, N, d) with
+  the relative position bias and the shift mask folded into one additive mask.
 * State-dict names follow the official checkpoint where the structure is the same
   (``patch_embed``, ``blocks.j.attn.qkv``, ``mlp.fc1``, ``norm{i}``); stages are ``stages.i``
   rather than ``layers.i`` and the derived ``relative_position_index`` buffer is not stored.
