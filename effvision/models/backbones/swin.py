@@ -146,8 +146,9 @@ class WindowAttention(nn.Module):
             (B, nW, N, C).
         """
         b, nw, n, c = x.shape
-        # windows go to the batch dim: 4-D SDPA takes PyTorch's fused CPU/GPU kernels, 5-D the
-        # slow math path (2.6x slower forward + backward on CPU)
+        # windows go to the batch dim: 4-D SDPA takes PyTorch's fused kernels, 5-D the math path
+        # (on 2 CPU cores 3.9x slower forward, 1.6x forward + backward:
+        # tools/analysis/benchmark_swin_attention.py)
         qkv = self.qkv(x).view(b * nw, n, 3, self.num_heads, c // self.num_heads)
         q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # each (B*nW, heads, N, head_dim)
         attn_mask = self.relative_position_bias().to(q.dtype)  # (heads, N, N)
