@@ -58,3 +58,17 @@ TINY_CONFIG = REPO_ROOT / 'tests/data/tiny_fcn-r18_1xb2_shapes-64x64.py'
 def data_options(root: Path) -> list[str]:
     """--cfg-options pointing every dataloader of a config at the shapes set in ``root``."""
     return [f'{split}_dataloader.dataset.data_root={root}' for split in ('train', 'val', 'test')]
+
+
+@pytest.fixture(scope='module')
+def checkpoint(config, tmp_path_factory) -> Path:
+    """Random weights of the module's ``config`` model, saved as tools/train.py would (with
+    dataset_meta). ``config`` is the fixture of the requesting test module."""
+    from effvision.apis import init_model
+
+    model = init_model(config)
+    path = tmp_path_factory.mktemp('ckpt') / 'model.pth'
+    torch.save(
+        {'state_dict': model.state_dict(), 'meta': {'dataset_meta': model.dataset_meta}}, path
+    )
+    return path

@@ -9,7 +9,6 @@ from pathlib import Path
 import cv2
 import numpy as np
 import pytest
-import torch
 
 from tests.conftest import QUICKSTART, TINY_CONFIG
 from tests.conftest import REPO_ROOT as REPO
@@ -20,19 +19,6 @@ from tests.conftest import REPO_ROOT as REPO
 def config(request) -> Path:
     """A config file path: the tiny fixture or the quickstart config."""
     return QUICKSTART if request.param == 'quickstart' else TINY_CONFIG
-
-
-@pytest.fixture(scope='module')
-def checkpoint(config, tmp_path_factory) -> Path:
-    """Random weights of ``config``'s model, saved as tools/train.py would (with dataset_meta)."""
-    from effvision.apis import init_model
-
-    model = init_model(config)
-    path = tmp_path_factory.mktemp('ckpt') / 'model.pth'
-    torch.save(
-        {'state_dict': model.state_dict(), 'meta': {'dataset_meta': model.dataset_meta}}, path
-    )
-    return path
 
 
 @pytest.fixture(scope='module')

@@ -42,19 +42,6 @@ PARITY = re.compile(
 )
 
 
-@pytest.fixture(scope='module')
-def checkpoint(config, tmp_path_factory) -> Path:
-    """Random weights of ``config``'s model, saved as tools/train.py would (with dataset_meta)."""
-    from effvision.apis import init_model
-
-    model = init_model(config)
-    path = tmp_path_factory.mktemp('ckpt') / 'model.pth'
-    torch.save(
-        {'state_dict': model.state_dict(), 'meta': {'dataset_meta': model.dataset_meta}}, path
-    )
-    return path
-
-
 def deploy(*args) -> subprocess.CompletedProcess:
     cmd = [sys.executable, str(REPO / 'tools/deploy.py'), *map(str, args)]
     return subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600, check=False)
