@@ -27,12 +27,6 @@ def register_all_modules(init_default_scope: bool = True) -> None:
         importlib.import_module(module)
     allow_mmengine_checkpoints()
     if init_default_scope:
-        from mmengine.registry import DefaultScope
+        from mmengine.registry import init_default_scope as set_default_scope
 
-        # A scope of the same name may already exist (e.g. created by a Runner); make ours current.
-        if DefaultScope.get_current_instance() is None or not DefaultScope.check_instance_created(
-            'effvision'
-        ):
-            DefaultScope.get_instance('effvision', scope_name='effvision')
-        else:
-            DefaultScope._instance_dict.move_to_end('effvision')  # type: ignore[attr-defined]
+        set_default_scope('effvision')
