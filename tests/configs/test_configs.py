@@ -6,10 +6,13 @@ from pathlib import Path
 
 import pytest
 import torch
+from mmdet.registry import MODELS as DET_MODELS
 from mmengine.config import Config
 from mmengine.dataset import pseudo_collate
 from mmengine.model.utils import revert_sync_batchnorm
 from mmengine.optim import build_optim_wrapper
+from mmengine.registry import DefaultScope
+from mmengine.utils import import_modules_from_strings
 
 from effvision.registry import DATASETS, MODELS
 from effvision.utils import register_all_modules
@@ -23,8 +26,16 @@ def test_configs_are_collected():
     assert len(CONFIGS) >= 4
 
 
+THING_CLASSES = ('car', 'person', 'traffic sign', 'ball', 'cone')
+
+
+def is_detection(cfg: Config) -> bool:
+    """mmdet configs (built in mmdet's scope) versus mmseg ones (effvision's scope)."""
+    return cfg.default_scope == 'mmdet'
+
+
 @pytest.fixture(scope='module')
-def shapes_batch(shapes_root):
+def seg_batch(shapes_root):
     register_all_modules()
     dataset = DATASETS.build(
         dict(
@@ -42,24 +53,62 @@ def shapes_batch(shapes_root):
     return pseudo_collate([dataset[0], dataset[1]])
 
 
+@pytest.fixture(scope='module')
+def det_batch(shapes_root):
+    """Two synthetic images with COCO instance annotations, packed by mmdet's pipeline."""
+    from mmdet.registry import DATASETS as MMDET_DATASETS
+
+    register_all_modules()
+    with DefaultScope.overwrite_default_scope('mmdet'):
+        dataset = MMDET_DATASETS.build(
+            dict(
+                type='CocoDataset',
+                data_root=str(shapes_root),
+                ann_file='annotations/instances_training.json',
+                data_prefix=dict(img='images/training/'),
+                metainfo=dict(classes=THING_CLASSES),
+                filter_cfg=dict(filter_empty_gt=True),
+                pipeline=[
+                    dict(type='LoadImageFromFile'),
+                    dict(type='LoadAnnotations', with_bbox=True, with_mask=True),
+                    dict(type='Resize', scale=SIZE, keep_ratio=False),
+                    dict(type='PackDetInputs'),
+                ],
+            )
+        )
+        return pseudo_collate([dataset[0], dataset[1]])
+
+
 @pytest.mark.parametrize('path', CONFIGS, ids=lambda p: str(p.relative_to(REPO_ROOT / 'configs')))
-def test_config_trains_and_predicts(path: Path, shapes_batch):
+def test_config_trains_and_predicts(path: Path, request):
     cfg = Config.fromfile(path)
-    assert cfg.default_scope == 'effvision'
-    cfg.model.data_preprocessor.size = SIZE
+    assert cfg.default_scope in ('effvision', 'mmdet')
     cfg.model.backbone.init_cfg = None  # published weights cannot be downloaded in tests
     register_all_modules()
-    model = revert_sync_batchnorm(MODELS.build(cfg.model))
-    model.init_weights()
-    optim_wrapper = build_optim_wrapper(model, cfg.optim_wrapper)
-    model.train()
-    losses = model.train_step(shapes_batch, optim_wrapper)
-    assert losses and all(torch.isfinite(v).all() for v in losses.values())
-    model.eval()
-    with torch.no_grad():
-        predictions = model.val_step(shapes_batch)
+    detection = is_detection(cfg)
+    if detection:
+        assert cfg.model.backbone.type.startswith('effvision.')
+        import_modules_from_strings(**cfg.custom_imports)
+        batch = request.getfixturevalue('det_batch')
+    else:
+        cfg.model.data_preprocessor.size = SIZE
+        batch = request.getfixturevalue('seg_batch')
+    with DefaultScope.overwrite_default_scope(cfg.default_scope):
+        registry = DET_MODELS if detection else MODELS
+        model = revert_sync_batchnorm(registry.build(cfg.model))
+        model.init_weights()
+        optim_wrapper = build_optim_wrapper(model, cfg.optim_wrapper)
+        model.train()
+        losses = model.train_step(batch, optim_wrapper)
+        assert losses and all(torch.isfinite(v).all() for v in losses.values())
+        model.eval()
+        with torch.no_grad():
+            predictions = model.val_step(batch)
     assert len(predictions) == 2
-    assert predictions[0].pred_sem_seg.data.shape[-2:] == SIZE
+    if detection:
+        assert {'bboxes', 'scores', 'labels', 'masks'} <= set(predictions[0].pred_instances.keys())
+    else:
+        assert predictions[0].pred_sem_seg.data.shape[-2:] == SIZE
 
 
 SWIN_ADE = sorted(

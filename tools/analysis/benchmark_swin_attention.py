@@ -11,36 +11,11 @@ bias + shift mask of a shifted block. Prints the machine and library versions fi
 from __future__ import annotations
 
 import argparse
-import platform
-import time
 
 import torch
 import torch.nn.functional as F
 
-
-def machine() -> str:
-    cpu = platform.processor() or platform.machine()
-    gpu = torch.cuda.get_device_name() if torch.cuda.is_available() else 'no GPU'
-    return (
-        f'{cpu}, {torch.get_num_threads()} threads, {gpu}; python {platform.python_version()}, '
-        f'torch {torch.__version__}'
-    )
-
-
-def timed(fn, repeats: int) -> float:
-    """Median seconds of ``fn()`` over ``repeats`` runs after two warm-up runs."""
-    for _ in range(2):
-        fn()
-    times = []
-    for _ in range(repeats):
-        if torch.cuda.is_available():
-            torch.cuda.synchronize()
-        start = time.perf_counter()
-        fn()
-        if torch.cuda.is_available():
-            torch.cuda.synchronize()
-        times.append(time.perf_counter() - start)
-    return sorted(times)[len(times) // 2]
+from effvision.utils.benchmark import machine, timed
 
 
 def main() -> None:

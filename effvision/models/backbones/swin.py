@@ -24,17 +24,15 @@ when the feature map is no larger than the window; cross-region pairs get -100, 
 
 from __future__ import annotations
 
-import logging
 from collections.abc import Mapping, Sequence
 
 import torch
 import torch.nn.functional as F
 import torch.utils.checkpoint as cp
-from mmengine.logging import print_log
-from mmengine.model import BaseModule
 from timm.layers import DropPath, trunc_normal_
 from torch import nn
 
+from effvision.models.backbones.base import DenseBackbone
 from effvision.models.layers.window import (
     WindowLayout,
     floor_mod,
@@ -46,12 +44,7 @@ from effvision.models.layers.window import (
     window_layout,
 )
 from effvision.registry import MODELS
-from effvision.utils.checkpoint import (
-    CheckpointError,
-    describe_key_mismatch,
-    extract_state_dict,
-    load_checkpoint_file,
-)
+from effvision.utils.checkpoint import CheckpointError
 
 __all__ = ['Swin', 'checkpoint_filter_fn', 'SWIN_ARCHS']
 
@@ -300,7 +293,7 @@ SWIN_ARCHS: dict[str, dict] = {
 
 
 @MODELS.register_module()
-class Swin(BaseModule):
+class Swin(DenseBackbone):
     """Swin Transformer backbone with the official dense-prediction behaviour.
 
     Args:
@@ -324,11 +317,15 @@ class Swin(BaseModule):
         out_indices: Stages whose outputs are returned.
         frozen_stages: -1 freezes nothing; 0 freezes the stem; k >= 1 freezes the stem and stages
             0..k-1 with their output norms (mmseg's convention).
+        norm_eval: Keep BatchNorm layers in eval mode while training (Swin has none of its own;
+            accepted for the common backbone contract).
         with_cp: Gradient checkpointing of every block (saves memory, costs one extra forward).
         init_cfg: ``dict(type='Pretrained', checkpoint=PATH)`` loads an official Swin checkpoint
             (classification or dense, with or without a ``backbone.`` prefix), an mmseg-format one,
             or one of ours, converting it on the fly.
     """
+
+    arch_settings = SWIN_ARCHS
 
     def __init__(
         self,
@@ -350,18 +347,11 @@ class Swin(BaseModule):
         patch_norm: bool = True,
         out_indices: Sequence[int] = (0, 1, 2, 3),
         frozen_stages: int = -1,
+        norm_eval: bool = False,
         with_cp: bool = False,
         init_cfg: dict | list[dict] | None = None,
     ) -> None:
-        super().__init__(init_cfg=init_cfg)
-        if arch is not None and arch not in SWIN_ARCHS:
-            raise ValueError(f'unknown Swin arch {arch!r}; choose one of {sorted(SWIN_ARCHS)}')
-        settings = dict(SWIN_ARCHS[arch]) if arch is not None else {}
-        for key, value in (('embed_dim', embed_dim), ('depths', depths), ('num_heads', num_heads)):
-            if value is not None:
-                settings[key] = value
-            elif key not in settings:
-                raise ValueError(f'Swin(arch=None) needs {key}')
+        settings = self.resolve_arch(arch, embed_dim=embed_dim, depths=depths, num_heads=num_heads)
         embed_dim, depths, num_heads = (
             settings['embed_dim'],
             settings['depths'],
@@ -369,20 +359,23 @@ class Swin(BaseModule):
         )
         if len(depths) != len(num_heads):
             raise ValueError(f'depths {depths} and num_heads {num_heads} differ in length')
-        num_stages = len(depths)
-        out_indices = tuple(i % num_stages for i in out_indices)
-        if any(i >= num_stages for i in out_indices):
-            raise ValueError(f'out_indices {out_indices} out of range for {num_stages} stages')
         if window_size < 1 or patch_size < 1:
             raise ValueError('window_size and patch_size must be positive')
+        num_stages = len(depths)
+        super().__init__(
+            num_stages=num_stages,
+            out_indices=out_indices,
+            frozen_stages=frozen_stages,
+            norm_eval=norm_eval,
+            init_cfg=init_cfg,
+        )
+        out_indices = self.out_indices
 
         self.embed_dim = embed_dim
         self.depths = tuple(depths)
         self.num_heads = tuple(num_heads)
         self.window_size = window_size
         self.patch_size = patch_size
-        self.out_indices = out_indices
-        self.frozen_stages = frozen_stages
         self.num_features = [embed_dim * 2**i for i in range(num_stages)]
 
         self.patch_embed = PatchEmbed(in_channels, embed_dim, patch_size, patch_norm)
@@ -449,34 +442,22 @@ class Swin(BaseModule):
         return tuple(outs)
 
     # -- training utilities --------------------------------------------------------------------
-    def _freeze_stages(self) -> None:
-        frozen: list[nn.Module] = []
-        if self.frozen_stages >= 0:
-            frozen.append(self.patch_embed)
+    def frozen_modules(self) -> list[nn.Module]:
+        frozen: list[nn.Module] = [self.patch_embed]
         for i in range(min(self.frozen_stages, len(self.stages))):
             frozen.append(self.stages[i])
             if hasattr(self, f'norm{i}'):
                 frozen.append(getattr(self, f'norm{i}'))
+        return frozen
+
+    def _freeze_stages(self) -> None:
+        super()._freeze_stages()
         if self.frozen_stages >= 0 and self.absolute_pos_embed is not None:
             self.absolute_pos_embed.requires_grad = False
-        for module in frozen:
-            module.eval()
-            for param in module.parameters():
-                param.requires_grad = False
-
-    def train(self, mode: bool = True) -> Swin:
-        super().train(mode)
-        self._freeze_stages()
-        return self
 
     # -- weight init ---------------------------------------------------------------------------
-    def init_weights(self) -> None:
-        """Truncated-normal init, or load ``init_cfg.checkpoint`` converting its format."""
-        cfg = self.init_cfg
-        if isinstance(cfg, Mapping) and cfg.get('type') == 'Pretrained':
-            self.load_pretrained(cfg['checkpoint'], prefix=cfg.get('prefix'))
-            self._is_init = True
-            return
+    def init_random_weights(self) -> None:
+        """Truncated-normal init of linear layers, bias tables and position embedding."""
         for module in self.modules():
             if isinstance(module, nn.Linear):
                 trunc_normal_(module.weight, std=0.02)
@@ -489,49 +470,10 @@ class Swin(BaseModule):
                 trunc_normal_(module.relative_position_bias_table, std=0.02)
         if self.absolute_pos_embed is not None:
             trunc_normal_(self.absolute_pos_embed, std=0.02)
-        self._is_init = True
 
-    def load_pretrained(self, checkpoint: str, prefix: str | None = None) -> None:
-        """Load a checkpoint file of any supported format (see :func:`checkpoint_filter_fn`).
-
-        Missing keys (e.g. the per-output norms, absent from classification checkpoints) and
-        unexpected keys (e.g. a classifier head) are reported with counts and examples; keys whose
-        shapes do not fit raise, since loading them would silently leave random weights.
-        """
-        state = extract_state_dict(load_checkpoint_file(checkpoint))
-        if prefix:
-            prefix = prefix if prefix.endswith('.') else prefix + '.'
-            state = {k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)}
-            if not state:
-                raise CheckpointError(f'no key of {checkpoint} starts with prefix {prefix!r}')
-        state = checkpoint_filter_fn(state, self)
-        own = self.state_dict()
-        mismatched = [k for k, v in state.items() if k in own and own[k].shape != v.shape]
-        if mismatched:
-            raise CheckpointError(
-                f'{checkpoint} does not fit this Swin ({self.embed_dim=}, {self.depths=}, '
-                f'{self.num_heads=}): '
-                + describe_key_mismatch(
-                    (),
-                    (),
-                    [f'{k} {tuple(state[k].shape)} vs {tuple(own[k].shape)}' for k in mismatched],
-                )
-                + '. Pick the arch the checkpoint was trained with.'
-            )
-        result = self.load_state_dict(state, strict=False)
-        matched = len(own) - len(result.missing_keys)
-        if matched == 0:
-            raise CheckpointError(
-                f'no key of {checkpoint} matches this Swin: '
-                + describe_key_mismatch(result.missing_keys, result.unexpected_keys)
-            )
-        level = logging.WARNING if result.missing_keys or result.unexpected_keys else logging.INFO
-        print_log(
-            f'Swin: loaded {matched}/{len(own)} tensors from {checkpoint}; '
-            + describe_key_mismatch(result.missing_keys, result.unexpected_keys),
-            logger='current',
-            level=level,
-        )
+    def convert_checkpoint(self, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Official, mmseg or effvision Swin weights to ours (see :func:`checkpoint_filter_fn`)."""
+        return checkpoint_filter_fn(state, self)
 
 
 # ---------------------------------------------------------------------------------------------

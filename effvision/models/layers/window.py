@@ -28,17 +28,27 @@ def round_up(size: int, multiple: int) -> int:
     return (size + multiple - 1) // multiple * multiple
 
 
-def pad_to_multiple(x: torch.Tensor, multiple: int, dims: tuple[int, int]) -> torch.Tensor:
-    """Zero-pad two dims of ``x`` at their end up to a multiple of ``multiple``.
+def pair(value: int | tuple[int, int]) -> tuple[int, int]:
+    """``v`` -> ``(v, v)``; a pair is returned as a tuple."""
+    if isinstance(value, int):
+        return value, value
+    first, second = value
+    return first, second
+
+
+def pad_to_multiple(
+    x: torch.Tensor, multiple: int | tuple[int, int], dims: tuple[int, int]
+) -> torch.Tensor:
+    """Zero-pad two dims of ``x`` at their end up to a multiple of ``multiple`` (one per dim).
 
     The pad amounts are computed from (possibly symbolic) sizes and applied unconditionally (a pad
     of zero is a no-op), so no Python branch depends on the input size.
     """
     pads = [0] * (2 * x.dim())
-    for dim in dims:
+    for dim, m in zip(dims, pair(multiple), strict=True):
         dim = dim % x.dim()
         # F.pad lists pads from the last dim backwards: (last_begin, last_end, prev_begin, ...)
-        pads[2 * (x.dim() - 1 - dim) + 1] = round_up(x.shape[dim], multiple) - x.shape[dim]
+        pads[2 * (x.dim() - 1 - dim) + 1] = round_up(x.shape[dim], m) - x.shape[dim]
     return F.pad(x, pads)
 
 
@@ -59,7 +69,7 @@ class WindowLayout(NamedTuple):
             (``window k, position p`` at ``k * N + p``), after a cyclic shift by ``-shift``.
         scatter: (H * W,) index into the window slots, one per real token of the (unshifted,
             uncropped) map: the inverse of ``gather`` restricted to the H x W tokens.
-        num_tokens: N = window * window.
+        num_tokens: N = window rows * window cols.
     """
 
     gather: torch.Tensor
@@ -68,33 +78,39 @@ class WindowLayout(NamedTuple):
 
 
 def window_layout(
-    h: int, w: int, window: int, shift: int = 0, device: torch.device | None = None
+    h: int,
+    w: int,
+    window: int | tuple[int, int],
+    shift: int | tuple[int, int] = 0,
+    device: torch.device | None = None,
 ) -> WindowLayout:
     """Index vectors that partition an (h, w) map into windows after padding and shifting.
 
     Args:
         h, w: Size of the token map (may be symbolic).
-        window: Window side.
-        shift: Cyclic shift applied before partitioning (the map is rolled by ``-shift``).
+        window: Window side, or (rows, cols) for rectangular windows (e.g. CSWin's stripes).
+        shift: Cyclic shift applied before partitioning (the map is rolled by ``-shift``), or
+            (rows, cols).
         device: Where to build the indices.
     """
-    hp, wp = round_up(h, window), round_up(w, window)
-    n = window * window
-    nw = wp // window
+    wh, ww = pair(window)
+    sh, sw = pair(shift)
+    hp, wp = round_up(h, wh), round_up(w, ww)
+    n = wh * ww
+    nw = wp // ww
     # Indices come from one flat arange each: broadcasting two symbolic-length aranges against
     # each other would make the exporter guard on either length being 1.
-    slot = torch.arange((hp // window) * nw * n, device=device)
+    slot = torch.arange((hp // wh) * nw * n, device=device)
     win, pos = slot // n, floor_mod(slot, n)
     # slot (win, pos) of the rolled canvas holds the padded token ((row + shift) % Hp, ...)
-    row = floor_mod((win // nw) * window + pos // window + shift, hp)
-    col = floor_mod(floor_mod(win, nw) * window + floor_mod(pos, window) + shift, wp)
+    row = floor_mod((win // nw) * wh + pos // ww + sh, hp)
+    col = floor_mod(floor_mod(win, nw) * ww + floor_mod(pos, ww) + sw, wp)
     gather = row * wp + col
     # real token (r, c) sits at rolled position ((r - shift) % Hp, (c - shift) % Wp)
     token = torch.arange(h * w, device=device)
-    r = floor_mod(token // w - shift, hp)
-    c = floor_mod(floor_mod(token, w) - shift, wp)
-    scatter = ((r // window) * nw + c // window) * n + floor_mod(r, window) * window
-    scatter = scatter + floor_mod(c, window)
+    r = floor_mod(token // w - sh, hp)
+    c = floor_mod(floor_mod(token, w) - sw, wp)
+    scatter = ((r // wh) * nw + c // ww) * n + floor_mod(r, wh) * ww + floor_mod(c, ww)
     return WindowLayout(gather, scatter, n)
 
 

@@ -1,0 +1,48 @@
+"""Small helpers shared by the benchmark scripts in ``tools/analysis/``."""
+
+from __future__ import annotations
+
+import platform
+import time
+from collections.abc import Callable
+
+import torch
+
+__all__ = ['machine', 'timed']
+
+
+def machine() -> str:
+    """One line naming the CPU, threads, GPU and library versions, printed before any table."""
+    import mmcv
+    import mmengine
+    import timm
+
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open('/proc/cpuinfo') as f:
+            names = [line.split(':', 1)[1].strip() for line in f if line.startswith('model name')]
+        cpu = names[0] if names else cpu
+    except OSError:
+        pass
+    gpu = torch.cuda.get_device_name() if torch.cuda.is_available() else 'no GPU'
+    return (
+        f'{cpu}, {torch.get_num_threads()} threads, {gpu}; python {platform.python_version()}, '
+        f'torch {torch.__version__}, timm {timm.__version__}, mmcv {mmcv.__version__}, '
+        f'mmengine {mmengine.__version__}'
+    )
+
+
+def timed(fn: Callable[[], object], repeats: int, warmup: int = 2) -> float:
+    """Median seconds of ``fn()`` over ``repeats`` runs after ``warmup`` runs."""
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeats):
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        fn()
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+        times.append(time.perf_counter() - start)
+    return sorted(times)[len(times) // 2]
