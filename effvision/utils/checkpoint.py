@@ -9,8 +9,10 @@ turn ``weights_only`` off: a checkpoint that carries any other global (e.g. a ma
 
 from __future__ import annotations
 
+import hashlib
 import os
 import pickle
+import urllib.parse
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
@@ -22,6 +24,7 @@ __all__ = [
     'CheckpointError',
     'allow_mmengine_checkpoints',
     'load_checkpoint_file',
+    'url_cache_name',
     'describe_key_mismatch',
     'extract_state_dict',
 ]
@@ -89,6 +92,17 @@ def allow_mmengine_checkpoints() -> None:
     _ALLOWED = True
 
 
+def url_cache_name(url: str) -> str:
+    """Cache file name of a downloaded checkpoint: the URL's last part plus a hash of the URL.
+
+    torch.hub names cached files by the URL's last part alone, so two checkpoints behind URLs that
+    end alike (OneDrive's ``.../root/content``) would share one file and the second would silently
+    load the first one's weights.
+    """
+    base = os.path.basename(urllib.parse.urlparse(url).path) or 'checkpoint'
+    return f'{hashlib.sha256(url.encode()).hexdigest()[:12]}-{base}'
+
+
 def load_checkpoint_file(path: str | os.PathLike, map_location: str | torch.device = 'cpu') -> Any:
     """Load a checkpoint with ``weights_only=True`` and turn every failure into a clear message.
 
@@ -109,7 +123,10 @@ def load_checkpoint_file(path: str | os.PathLike, map_location: str | torch.devi
     if path_str.startswith(('http://', 'https://')):
         try:
             return torch.hub.load_state_dict_from_url(
-                path_str, map_location=map_location, weights_only=True
+                path_str,
+                map_location=map_location,
+                weights_only=True,
+                file_name=url_cache_name(path_str),
             )
         except Exception as err:  # network and format errors alike
             raise CheckpointError(

@@ -16,6 +16,9 @@ from effvision.utils import (
     extract_state_dict,
     load_checkpoint_file,
 )
+from effvision.utils.checkpoint import (
+    url_cache_name,
+)
 
 
 class _Exploit:
@@ -114,3 +117,13 @@ def test_getattr_is_only_allowed_for_history_buffer_methods(tmp_path):
     torch.save({'meta': _GetattrExploit()}, file)
     with pytest.raises(CheckpointError, match='refused to load'):
         load_checkpoint_file(file)
+
+
+def test_urls_ending_alike_get_distinct_cache_files():
+    """OneDrive links all end in /root/content: the cache name must tell them apart."""
+    a = url_cache_name('https://api.onedrive.com/v1.0/shares/u!AAA/root/content')
+    b = url_cache_name('https://api.onedrive.com/v1.0/shares/u!BBB/root/content')
+    assert a != b and a.endswith('-content') and b.endswith('-content')
+    same = 'https://x.org/swin_tiny_patch4_window7_224.pth'
+    assert url_cache_name(same) == url_cache_name(same)
+    assert url_cache_name(same).endswith('-swin_tiny_patch4_window7_224.pth')
