@@ -1,3 +1,17 @@
+from .base import DenseBackbone
+from .biformer import BiFormer
+from .cswin import CSWin
+from .efficientformer import EfficientFormer
+from .efficientformer_v2 import EfficientFormerV2
+from .nextvit import NextViT
 from .swin import Swin
 
-__all__ = ['Swin']
+__all__ = [
+    'BiFormer',
+    'CSWin',
+    'DenseBackbone',
+    'EfficientFormer',
+    'EfficientFormerV2',
+    'NextViT',
+    'Swin',
+]
