@@ -3,6 +3,7 @@ from .biformer import BiFormer
 from .cswin import CSWin
 from .efficientformer import EfficientFormer
 from .efficientformer_v2 import EfficientFormerV2
+from .moat import MOAT
 from .nextvit import NextViT
 from .swin import Swin
 
@@ -12,6 +13,7 @@ __all__ = [
     'DenseBackbone',
     'EfficientFormer',
     'EfficientFormerV2',
+    'MOAT',
     'NextViT',
     'Swin',
 ]
