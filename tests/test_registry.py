@@ -14,7 +14,7 @@ from effvision.utils import explain_unknown_type, register_all_modules
 REGISTRIES = {
     k: v for k, v in vars(ev_registry).items() if isinstance(v, Registry) and v.scope == 'effvision'
 }
-SWIN_CFG = dict(arch=None, embed_dim=8, depths=(2, 2), num_heads=(1, 2))
+SWIN_CFG = dict(arch=None, embed_dim=8, depths=(2, 2), num_heads=(1, 2), out_indices=(0, 1))
 
 
 @pytest.mark.parametrize('name', sorted(REGISTRIES))
@@ -31,7 +31,7 @@ def test_default_scope_resolves_ours_and_mmsegs():
     model = mmseg.registry.MODELS.build(
         dict(
             type='EncoderDecoder',
-            backbone=dict(type='Swin', out_indices=(1,), **SWIN_CFG),
+            backbone=dict(SWIN_CFG, type='Swin', out_indices=(1,)),
             decode_head=dict(type='FCNHead', in_channels=16, channels=8, num_classes=3),
         )
     )

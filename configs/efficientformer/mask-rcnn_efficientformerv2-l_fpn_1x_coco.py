@@ -3,39 +3,14 @@
 # settings): single scale 1333x800, 8 GPUs x 2 images = batch 16, AdamW lr 2e-4 weight decay 0.05
 # (0.0001 for v1), 500-iteration linear warmup from 1e-6, steps at epochs 8 and 11, 12 epochs. 44.7
 # box AP / 40.4 mask AP in the paper (unverified here; not reproduced).
-_base_ = [
-    '../_base_/models/mask-rcnn_fpn.py',
-    '../_base_/datasets/coco_instance.py',
-    '../_base_/schedules/schedule_1x.py',
-    '../_base_/det_runtime.py',
-]
-# The official ImageNet-1k checkpoint, loaded in its own format and converted on load; download it
-# from the official README (docs/models/efficientformer.md) to this path.
+# Same recipe as S0; only the variant, its checkpoint, drop-path rate and widths change.
+_base_ = ['./mask-rcnn_efficientformerv2-s0_fpn_1x_coco.py']
 checkpoint_file = 'checkpoints/efficientformer/eformer_l_450.pth'
 model = dict(
     backbone=dict(
-        type='effvision.EfficientFormerV2',
         arch='l',
-        attn_bias_size=800,  # the official detection backbone's bias grid (1333x800 inputs)
         drop_path_rate=0.1,
-        out_indices=(0, 1, 2, 3),
-        # the official config's ResNet leftovers (frozen_stages=1, norm_eval=True) are swallowed
-        # by the official backbone's **kwargs: nothing is frozen and BatchNorms train
-        frozen_stages=-1,
-        norm_eval=False,
         init_cfg=dict(type='Pretrained', checkpoint=checkpoint_file),
     ),
     neck=dict(in_channels=[40, 80, 192, 384]),
 )
-optim_wrapper = dict(
-    type='OptimWrapper',
-    optimizer=dict(_delete_=True, type='AdamW', lr=0.0002, betas=(0.9, 0.999), weight_decay=0.05),
-)
-param_scheduler = [
-    dict(type='LinearLR', start_factor=1e-6, by_epoch=False, begin=0, end=500),
-    dict(type='MultiStepLR', begin=0, end=12, by_epoch=True, milestones=[8, 11], gamma=0.1),
-]
-train_dataloader = dict(batch_size=2)
-# the official V2 backbone converts its BatchNorms to SyncBN when it loads its ImageNet
-# weights (the detection heads have none)
-sync_bn = 'torch'

@@ -58,6 +58,7 @@ from timm.layers import DropPath, trunc_normal_
 from torch import nn
 
 from effvision.models.backbones.base import DenseBackbone
+from effvision.models.layers.mlp import Mlp
 from effvision.models.layers.window import floor_mod, pad_to_multiple, to_nchw, window_layout
 from effvision.registry import MODELS
 from effvision.utils.checkpoint import CheckpointError
@@ -273,17 +274,6 @@ class GlobalAttentionLePE(nn.Module):
         out = F.scaled_dot_product_attention(q, k, v)  # scale d ** -0.5
         out = out.transpose(1, 2).reshape(b, h, w, c)
         return self.proj(out + self.lepe(x.permute(0, 3, 1, 2)).permute(0, 2, 3, 1))
-
-
-class Mlp(nn.Module):
-    def __init__(self, dim: int, hidden: int) -> None:
-        super().__init__()
-        self.fc1 = nn.Linear(dim, hidden)
-        self.act = nn.GELU()
-        self.fc2 = nn.Linear(hidden, dim)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.fc2(self.act(self.fc1(x)))
 
 
 class BiFormerBlock(nn.Module):

@@ -43,6 +43,7 @@ from timm.layers import DropPath, trunc_normal_
 from torch import nn
 
 from effvision.models.backbones.base import DenseBackbone
+from effvision.models.layers.mlp import Mlp
 from effvision.models.layers.window import floor_mod, round_up, to_nchw
 from effvision.registry import MODELS
 from effvision.utils.checkpoint import CheckpointError
@@ -240,18 +241,6 @@ class CrossShapedAttention(nn.Module):
             # reshape: the layout of y depends on the device's conv/SDPA kernels (a view on CPU)
             outs.append(y.reshape(b, -1, self.branch_dim).index_select(1, layout.scatter))
         return self.proj(torch.cat(outs, dim=-1).view(b, h, w, c))
-
-
-class Mlp(nn.Module):
-    def __init__(self, dim: int, hidden: int, drop: float) -> None:
-        super().__init__()
-        self.fc1 = nn.Linear(dim, hidden)
-        self.act = nn.GELU()
-        self.fc2 = nn.Linear(hidden, dim)
-        self.drop = nn.Dropout(drop)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.drop(self.fc2(self.drop(self.act(self.fc1(x)))))
 
 
 class CSWinBlock(nn.Module):

@@ -55,6 +55,7 @@ from timm.layers import DropPath, trunc_normal_
 from torch import nn
 
 from effvision.models.backbones.base import DenseBackbone
+from effvision.models.layers.mlp import Mlp
 from effvision.registry import MODELS
 from effvision.utils.checkpoint import CheckpointError
 
@@ -292,21 +293,6 @@ class ConvMlp(nn.Module):
         """(B, C, H, W) -> (B, C, H, W)."""
         x = self.drop(self.act(conv_bn(self.fc1, self.norm1, x)))
         return self.drop(conv_bn(self.fc2, self.norm2, x))
-
-
-class Mlp(nn.Module):
-    """Linear + GELU + linear on (B, N, C) tokens."""
-
-    def __init__(self, dim: int, hidden: int, drop: float) -> None:
-        super().__init__()
-        self.fc1 = nn.Linear(dim, hidden)
-        self.act = nn.GELU()
-        self.fc2 = nn.Linear(hidden, dim)
-        self.drop = nn.Dropout(drop)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """(B, N, C) -> (B, N, C)."""
-        return self.drop(self.fc2(self.drop(self.act(self.fc1(x)))))
 
 
 class Attention(BiasedAttention):

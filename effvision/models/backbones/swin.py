@@ -33,6 +33,7 @@ from timm.layers import DropPath, trunc_normal_
 from torch import nn
 
 from effvision.models.backbones.base import DenseBackbone
+from effvision.models.layers.mlp import Mlp
 from effvision.models.layers.window import (
     WindowLayout,
     floor_mod,
@@ -165,18 +166,6 @@ def relative_position_index(window: int) -> torch.Tensor:
     coords = coords.flatten(1)  # (2, N)
     delta = (coords[:, :, None] - coords[:, None, :]).permute(1, 2, 0) + (window - 1)
     return delta[..., 0] * (2 * window - 1) + delta[..., 1]
-
-
-class Mlp(nn.Module):
-    def __init__(self, dim: int, hidden: int, drop: float) -> None:
-        super().__init__()
-        self.fc1 = nn.Linear(dim, hidden)
-        self.act = nn.GELU()
-        self.fc2 = nn.Linear(hidden, dim)
-        self.drop = nn.Dropout(drop)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.drop(self.fc2(self.drop(self.act(self.fc1(x)))))
 
 
 class SwinBlock(nn.Module):
