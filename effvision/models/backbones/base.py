@@ -55,9 +55,9 @@ class DenseBackbone(BaseModule):
     """Base class of effvision backbones: multi-scale NCHW features for dense heads.
 
     Subclasses set ``arch_settings``, build their layers in ``__init__`` (after calling this one),
-    set ``num_features`` and ``feature_info``, override :meth:`frozen_modules`,
-    :meth:`init_random_weights` and :meth:`convert_checkpoint`, and call :meth:`_freeze_stages`
-    at the end of their ``__init__``.
+    set ``num_features`` and ``feature_info``, override :meth:`init_random_weights` and
+    :meth:`convert_checkpoint` (and :meth:`frozen_modules` unless they have ``stem``, ``stages``
+    and ``norm{i}``), and call :meth:`_freeze_stages` at the end of their ``__init__``.
 
     Args:
         num_stages: Number of stages of the network.
@@ -70,6 +70,8 @@ class DenseBackbone(BaseModule):
 
     #: Published variants: name -> constructor keyword arguments.
     arch_settings: ClassVar[dict[str, dict[str, Any]]] = {}
+    #: Attribute holding the stem (what ``frozen_stages=0`` freezes).
+    stem_name: ClassVar[str] = 'stem'
 
     def __init__(
         self,
@@ -120,8 +122,14 @@ class DenseBackbone(BaseModule):
 
     # -- freezing --------------------------------------------------------------------------------
     def frozen_modules(self) -> list[nn.Module]:
-        """Modules ``frozen_stages`` freezes (stem for 0; plus stages 0..k-1 and their norms)."""
-        raise NotImplementedError(f'{type(self).__name__} must say what frozen_stages freezes')
+        """Modules ``frozen_stages`` freezes: the stem for 0; for k >= 1 also ``stages[:k]`` and
+        their output norms ``norm{i}``. Families laid out otherwise override this."""
+        frozen: list[nn.Module] = [getattr(self, self.stem_name)]
+        for i in range(min(self.frozen_stages, len(self.stages))):
+            frozen.append(self.stages[i])
+            if hasattr(self, f'norm{i}'):
+                frozen.append(getattr(self, f'norm{i}'))
+        return frozen
 
     def _freeze_stages(self) -> None:
         if self.frozen_stages < 0:

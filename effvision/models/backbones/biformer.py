@@ -590,14 +590,6 @@ class BiFormer(DenseBackbone):
         return tuple(outs)
 
     # -- training utilities --------------------------------------------------------------------
-    def frozen_modules(self) -> list[nn.Module]:
-        frozen: list[nn.Module] = [self.stem]
-        for i in range(min(self.frozen_stages, self.num_stages)):
-            frozen.append(self.stages[i])
-            if hasattr(self, f'norm{i}'):
-                frozen.append(getattr(self, f'norm{i}'))
-        return frozen
-
     # -- weight init ---------------------------------------------------------------------------
     def init_random_weights(self) -> None:
         """The official init: truncated-normal linear weights, zero biases, unit LayerNorms.

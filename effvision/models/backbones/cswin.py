@@ -522,14 +522,6 @@ class CSWin(DenseBackbone):
         return tuple(outs)
 
     # -- training utilities --------------------------------------------------------------------
-    def frozen_modules(self) -> list[nn.Module]:
-        frozen: list[nn.Module] = [self.stem]
-        for i in range(min(self.frozen_stages, len(self.stages))):
-            frozen.append(self.stages[i])
-            if hasattr(self, f'norm{i}'):
-                frozen.append(getattr(self, f'norm{i}'))
-        return frozen
-
     # -- weight init ---------------------------------------------------------------------------
     def init_random_weights(self) -> None:
         """The official init: truncated normal (std 0.02) linear weights, zero biases, unit

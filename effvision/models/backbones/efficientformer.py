@@ -596,14 +596,6 @@ class EfficientFormer(DenseBackbone):
         return tuple(outs)
 
     # -- training utilities --------------------------------------------------------------------
-    def frozen_modules(self) -> list[nn.Module]:
-        modules: list[nn.Module] = [self.stem]
-        for i in range(min(self.frozen_stages, len(self.stages))):
-            modules.append(self.stages[i])
-            if i in self.out_indices:
-                modules.append(getattr(self, f'norm{i}'))
-        return modules
-
     @torch.no_grad()
     def switch_to_deploy(self) -> EfficientFormer:
         """Fold BatchNorms and layer scales into the convolutions/linears before them.

@@ -601,14 +601,6 @@ class EfficientFormerV2(DenseBackbone):
         return tuple(outs)
 
     # -- training utilities --------------------------------------------------------------------
-    def frozen_modules(self) -> list[nn.Module]:
-        modules: list[nn.Module] = [self.stem]
-        for i in range(min(self.frozen_stages, len(self.stages))):
-            modules.append(self.stages[i])
-            if self.out_norm and i in self.out_indices:
-                modules.append(getattr(self, f'norm{i}'))
-        return modules
-
     @torch.no_grad()
     def switch_to_deploy(self) -> EfficientFormerV2:
         """Fold BatchNorms, the query subsampling branch and layer scales into convolutions.

@@ -744,9 +744,6 @@ class MOAT(DenseBackbone):
         return tuple(outs)
 
     # -- training utilities --------------------------------------------------------------------
-    def frozen_modules(self) -> list[nn.Module]:
-        return [self.stem, *self.stages[: max(self.frozen_stages, 0)]]
-
     @torch.no_grad()
     def switch_to_deploy(self) -> None:
         """Fold every BatchNorm into the adjacent conv (stem conv, 1x1 expand, depthwise).

@@ -315,6 +315,7 @@ class Swin(DenseBackbone):
     """
 
     arch_settings = SWIN_ARCHS
+    stem_name = 'patch_embed'
 
     def __init__(
         self,
@@ -431,14 +432,6 @@ class Swin(DenseBackbone):
         return tuple(outs)
 
     # -- training utilities --------------------------------------------------------------------
-    def frozen_modules(self) -> list[nn.Module]:
-        frozen: list[nn.Module] = [self.patch_embed]
-        for i in range(min(self.frozen_stages, len(self.stages))):
-            frozen.append(self.stages[i])
-            if hasattr(self, f'norm{i}'):
-                frozen.append(getattr(self, f'norm{i}'))
-        return frozen
-
     def _freeze_stages(self) -> None:
         super()._freeze_stages()
         if self.frozen_stages >= 0 and self.absolute_pos_embed is not None:
