@@ -60,12 +60,14 @@ _CSWIN = 'CSWin README'
 _CSWIN_ROUND = (
     'README params rounded up (official classifier rebuilt: 22.32 / 34.64 / 77.38 / 173.26 M)'
 )
-_CSWIN_L = 'the official classifier counted the same way gives our FLOPs, the gap is in the README'
+_CSWIN_L = (
+    'FLOPs: the official classifier counted the same way gives ours; the gap is in the README'
+)
 _MMPRE = 'mmpretrain 1.2.0 efficientformer metafile'
 _V2 = dict(
     source='EfficientFormer README',
     note='the README params are 2-4 % below the released ImageNet checkpoints (e.g. S0 3.60 M '
-    'with both heads); its counting is not documented',
+    'with both heads); its counting is not documented; FLOPs rounded to 0.01 G (S0 0.396 G)',
 )
 
 
@@ -76,7 +78,8 @@ def _moat(params: float, flops: float, width: int, size: int) -> Published:
         extra_head=2 * width,
         size=size,
         source='deeplab2 g3doc MOAT checkpoint table',
-        note='published FLOPs: TF profiler, more op types counted (ours 0-3 % lower)',
+        note='published FLOPs: TF profiler, more op types counted (ours 0-3 % lower); '
+        'figures rounded to 0.1 (tiny-MOAT-0: 3.36 M, 1.06 G print as 3.4, 1.1)',
         flops_kwargs=(('window_sizes', (None, None, None, None)),),
     )
 
@@ -93,7 +96,9 @@ PUBLISHED: dict[tuple[str, str], Published] = {
     ('BiFormer', 'small'): Published(25.5, 4.5, extra_head=2 * 512, source='BiFormer README'),
     ('BiFormer', 'base'): Published(56.8, 9.8, extra_head=2 * 768, source='BiFormer README'),
     ('CSWin', 'tiny'): Published(23, 4.3, extra_head=2 * 512, source=_CSWIN, note=_CSWIN_ROUND),
-    ('CSWin', 'small'): Published(35, 6.9, extra_head=2 * 512, source=_CSWIN, note=_CSWIN_ROUND),
+    ('CSWin', 'small'): Published(
+        35, 6.9, extra_head=2 * 512, source=_CSWIN, note=_CSWIN_ROUND + '; ' + _CSWIN_L
+    ),
     ('CSWin', 'base'): Published(78, 15.0, extra_head=2 * 768, source=_CSWIN, note=_CSWIN_ROUND),
     ('CSWin', 'large'): Published(
         173, 31.5, extra_head=2 * 1152, source=_CSWIN, note=_CSWIN_ROUND + '; ' + _CSWIN_L
