@@ -740,12 +740,7 @@ def convert_official_cls(state: Mapping[str, torch.Tensor]) -> dict[str, torch.T
 
     The 7x7 bias tables are kept; a model laid out for another grid drops them on load.
     """
-    kept = {
-        k: v
-        for k, v in state.items()
-        if not k.startswith(_CLS_HEAD_PREFIXES) and not k.endswith(DERIVED_KEYS)
-    }
-    return _official_names(kept)
+    return _official_names(convert_timm(state))  # timm drops the same heads and buffers
 
 
 def convert_timm(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:

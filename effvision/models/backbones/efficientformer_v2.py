@@ -767,12 +767,7 @@ def convert_official_cls(state: Mapping[str, torch.Tensor]) -> dict[str, torch.T
     Heads, the final norm and index buffers are dropped; the bias tables (laid out for 224) are
     kept, and a model laid out for another grid drops them on load.
     """
-    kept = {
-        k: v
-        for k, v in state.items()
-        if not k.startswith(_CLS_HEAD_PREFIXES) and not k.endswith(DERIVED_KEYS)
-    }
-    return _official_names(kept)
+    return _official_names(convert_timm(state))  # timm drops the same heads and buffers
 
 
 def convert_timm(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
