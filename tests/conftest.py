@@ -36,6 +36,31 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(skip_gpu)
 
 
+def require_ops(op: str) -> None:
+    """Skip when ``op``'s compiled kernels are not built; CI (EFFVISION_REQUIRE_OPS=1) fails."""
+    from effvision.ops import _ext
+
+    if _ext.load(op) is None:
+        reason = f'effvision.ops._{op} is not built (make install)'
+        if os.environ.get('EFFVISION_REQUIRE_OPS') == '1':
+            pytest.fail(reason + '; EFFVISION_REQUIRE_OPS=1 forbids skipping')
+        pytest.skip(reason)
+
+
+@pytest.fixture(params=['fused', 'reference'])
+def ops_path(request):
+    """Runs a test through the compiled kernels (CPU) and again through the PyTorch references."""
+    from effvision.ops import _ext
+
+    if request.param == 'reference':
+        with _ext.reference_ops():
+            yield request.param
+        return
+    for op in ('window_attention', 'routing_attention'):
+        require_ops(op)
+    yield request.param
+
+
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)

@@ -12,6 +12,8 @@
 #   VENV             venv path (default: .venv)
 #   EFFVISION_CACHE  cache root (default: ~/.cache/effvision); wheels go to $EFFVISION_CACHE/wheels
 #   FORCE_CUDA=1     build mmcv's CUDA ops even though torch sees no GPU (slow: ~1 h)
+#   EFFVISION_WITH_CUDA=0  build effvision's own kernels for the CPU only (default: CUDA too,
+#                    when torch is a CUDA build and nvcc is found; see setup.py)
 set -euo pipefail
 
 cd "$(dirname "$0")/.."
@@ -25,7 +27,7 @@ STAMP="$VENV/.effvision-install"
 say() { printf '\033[1m[install %s]\033[0m %s\n' "$(date +%H:%M:%S)" "$*"; }
 
 # Re-run only when an input of the install changed.
-fingerprint=$(cat tools/install.sh requirements/*.txt setup.py pyproject.toml 2>/dev/null | sha256sum | cut -c1-16)
+fingerprint=$(cat tools/install.sh requirements/*.txt setup.py pyproject.toml effvision/ops/csrc/* 2>/dev/null | sha256sum | cut -c1-16)
 if [[ -f "$STAMP" && "$(cat "$STAMP")" == "$fingerprint" ]]; then
     say "up to date ($VENV)"
     exit 0
@@ -97,13 +99,40 @@ fi
 
 say "installing mmengine, mmsegmentation, mmdet (--no-deps: keeps opencv headless)"
 "${PIP[@]}" install -q --no-deps -r requirements/openmmlab.txt
-say "installing effvision (editable)"
-"${PIP[@]}" install -q --no-deps --no-build-isolation -e .
+# --- effvision and its kernels -----------------------------------------------------------------
+# The fused ops (effvision/ops/csrc) compile against the installed torch: C++ always, CUDA when
+# torch is a CUDA build and a toolkit is found. torch finds the toolkit through CUDA_HOME: we set it
+# to the root that holds lib64/libcudart (torch's own guess from nvcc's path can be wrong), and,
+# without a GPU to detect, compile for Hopper only (a compile check; a GPU machine builds for its
+# own architecture).
+if [[ -z "${CUDA_HOME:-}" ]] && command -v nvcc >/dev/null; then
+    for root in "$(dirname "$(dirname "$(readlink -f "$(command -v nvcc)")")")" /usr/local/cuda; do
+        if ls "$root"/lib64/libcudart.so* >/dev/null 2>&1; then export CUDA_HOME="$root"; break; fi
+    done
+fi
+if [[ -n "${CUDA_HOME:-}" && -z "${TORCH_CUDA_ARCH_LIST:-}" ]] \
+    && ! "$PY" -c 'import torch, sys; sys.exit(not torch.cuda.is_available())' 2>/dev/null; then
+    export TORCH_CUDA_ARCH_LIST="9.0"
+fi
+export MAX_JOBS=${MAX_JOBS:-$(nproc)}
+say "installing effvision (editable) and compiling its kernels" \
+    "(CUDA_HOME=${CUDA_HOME:-none}, TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-auto}; a few minutes)"
+t_ops=$SECONDS
+log=$(mktemp)
+"${PIP[@]}" install -v --no-deps --no-build-isolation -e . > "$log" 2>&1 \
+    || { tail -60 "$log" >&2; echo "effvision's kernels failed to build (full log: $log)" >&2; exit 1; }
+rm -f "$log"
+say "effvision installed in $((SECONDS - t_ops)) s"
 
 "$PY" - <<'PY'
 import mmcv, mmcv.ops, mmdet, mmengine, mmseg, torch  # noqa: F401
 from mmcv.ops import nms  # proves the compiled mmcv._ext loads
 import effvision
+from effvision.ops import _ext
+built = {op: ('cpu+cuda' if _ext.has_cuda(op) else 'cpu') if _ext.load(op) else 'MISSING'
+         for op in ('window_attention', 'routing_attention')}
+assert all(v != 'MISSING' for v in built.values()), f'compiled ops missing: {built}'
+print('effvision ops:', ', '.join(f'{k} ({v})' for k, v in built.items()))
 print(f'torch {torch.__version__}  mmengine {mmengine.__version__}  mmcv {mmcv.__version__} (ops)  '
       f'mmseg {mmseg.__version__}  mmdet {mmdet.__version__}  effvision {effvision.__version__}')
 PY

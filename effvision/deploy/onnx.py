@@ -37,6 +37,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from effvision.ops import reference_ops
+
 from .rewrites import make_exportable
 
 __all__ = [
@@ -587,7 +589,9 @@ def export_onnx(
     )
     # A batch of 2 for dynamic export: torch.export pins a dim whose example size is 1.
     example = torch.from_numpy(np.concatenate([x, x]) if dynamic else x)
-    with torch.no_grad():
+    # Fused ops are captured as their PyTorch reference: standard ops every ONNX backend runs
+    # (torch.onnx.export on a module does this by itself; we capture with torch.export first).
+    with torch.no_grad(), reference_ops():
         try:
             exported = _capture(wrapper, example, dynamic)
         except ExportError:

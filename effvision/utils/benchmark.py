@@ -8,7 +8,7 @@ from collections.abc import Callable
 
 import torch
 
-__all__ = ['machine', 'timed']
+__all__ = ['machine', 'timed', 'peak_memory_bytes']
 
 
 def machine() -> str:
@@ -46,3 +46,29 @@ def timed(fn: Callable[[], object], repeats: int, warmup: int = 2) -> float:
             torch.cuda.synchronize()
         times.append(time.perf_counter() - start)
     return sorted(times)[len(times) // 2]
+
+
+def _status_bytes(field: str) -> int:
+    with open('/proc/self/status') as f:
+        for line in f:
+            if line.startswith(field):
+                return int(line.split()[1]) * 1024
+    raise RuntimeError(f'no {field} in /proc/self/status')
+
+
+def peak_memory_bytes(fn: Callable[[], object], device: torch.device) -> int:
+    """Peak memory ``fn()`` adds to what is already held: CUDA's allocator peak on a GPU, the
+    process's peak resident set (reset to the current one first, Linux) on the CPU. Run it in a
+    fresh process per measurement for CPU numbers that do not depend on earlier allocations."""
+    if device.type == 'cuda':
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        before = torch.cuda.memory_allocated()
+        fn()
+        torch.cuda.synchronize()
+        return torch.cuda.max_memory_allocated() - before
+    with open('/proc/self/clear_refs', 'w') as f:
+        f.write('5')  # reset the peak RSS to the current RSS
+    before = _status_bytes('VmRSS:')
+    fn()
+    return _status_bytes('VmHWM:') - before

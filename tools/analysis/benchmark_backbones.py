@@ -27,7 +27,7 @@ from pathlib import Path
 
 import torch
 
-from effvision.utils.benchmark import machine, timed
+from effvision.utils.benchmark import machine, peak_memory_bytes, timed
 
 # effvision (class, arch) -> counterparts: ('timm', model name, kwargs) or ('mmseg', class, kwargs)
 SWIN_MMSEG = {
@@ -86,22 +86,6 @@ def build(kind: str, name: str, arch: str, kwargs: dict) -> torch.nn.Module:
     raise ValueError(f'unknown model kind {kind!r}')
 
 
-def peak_rss_bytes() -> int:
-    with open('/proc/self/status') as f:
-        for line in f:
-            if line.startswith('VmHWM:'):
-                return int(line.split()[1]) * 1024
-    raise RuntimeError('no VmHWM in /proc/self/status')
-
-
-def current_rss_bytes() -> int:
-    with open('/proc/self/status') as f:
-        for line in f:
-            if line.startswith('VmRSS:'):
-                return int(line.split()[1]) * 1024
-    raise RuntimeError('no VmRSS in /proc/self/status')
-
-
 def measure(job: dict) -> dict:
     """Runs in a child process: build, warm up, time, and measure the forward's peak memory."""
     torch.set_num_threads(job['threads'])
@@ -115,19 +99,7 @@ def measure(job: dict) -> dict:
             model(x)
 
     forward()
-    if device.type == 'cuda':
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
-        before = torch.cuda.memory_allocated()
-        forward()
-        torch.cuda.synchronize()
-        peak = torch.cuda.max_memory_allocated() - before
-    else:
-        with open('/proc/self/clear_refs', 'w') as f:
-            f.write('5')  # reset the peak RSS to the current RSS
-        before = current_rss_bytes()
-        forward()
-        peak = peak_rss_bytes() - before
+    peak = peak_memory_bytes(forward, device)
     seconds = timed(forward, job['repeats'], warmup=0)
     params = sum(p.numel() for p in model.parameters())
     return dict(ms=seconds * 1e3, peak_mib=peak / 2**20, params_m=params / 1e6)

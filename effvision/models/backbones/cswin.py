@@ -6,14 +6,14 @@ CVPR 2022. Reference: the official dense code, microsoft/CSWin-Transformer
 to float64 round-off; the variants and the classification checkpoints come from ``models/cswin.py``
 in the same commit. Written anew; what differs and why:
 
-* Each stripe branch gathers its stripes straight from the qkv projection with one index vector
-  (padding slots zeroed by a 0/1 mask) and scatters the result back with another
-  (:func:`stripe_layout`): no ``F.pad`` of q/k/v, no 6-D permutes, no crop, and H and W stay
-  symbolic under ``torch.export``. For that the qkv rows are stored grouped per branch
-  ([q k v] of branch 0, then of branch 1); the converters permute the official rows.
-* Attention runs through ``F.scaled_dot_product_attention`` on 4-D (stripes x batch, heads, N, d)
-  tensors (:func:`stripe_attention`, the op a fused kernel can replace); LePE, the depthwise 3x3
-  conv on V inside each stripe, runs channels-last on the same stripes.
+* Stripe attention is :func:`effvision.ops.window_attention` with full-height (or full-width)
+  windows and centred zero padding: a fused C++/CUDA kernel reads each branch's q, k, v straight
+  from the projected map and writes the output map (no ``F.pad``, partition or crop), or its
+  PyTorch reference runs (also what ONNX export records). The qkv rows are stored grouped per
+  branch ([q k v] of branch 0, then of branch 1; the converters permute the official rows) so
+  that each branch is one channel slice. LePE, the depthwise 3x3 conv on V inside each stripe,
+  gathers V's stripes with one index vector and scatters back with another
+  (:func:`stripe_layout`), channels-last; H and W stay symbolic under ``torch.export``.
 * Stage widths always double (``models/cswin.py`` and the paper). The dense class computes them as
   ``width * (heads[i+1] // heads[i])``: the same for T/S/B, but it gives CSWin-L a 576-wide last
   stage instead of the 1152 of the released CSWin-L weights. ``widths=`` reproduces any other rule.
@@ -37,7 +37,6 @@ from collections.abc import Mapping, Sequence
 from typing import NamedTuple
 
 import torch
-import torch.nn.functional as F
 import torch.utils.checkpoint as cp
 from timm.layers import DropPath, trunc_normal_
 from torch import nn
@@ -45,6 +44,7 @@ from torch import nn
 from effvision.models.backbones.base import DenseBackbone
 from effvision.models.layers.mlp import Mlp
 from effvision.models.layers.window import floor_mod, round_up, to_nchw
+from effvision.ops.window_attention import window_attention
 from effvision.registry import MODELS
 from effvision.utils.checkpoint import CheckpointError
 
@@ -56,7 +56,6 @@ __all__ = [
     'convert_official_cls',
     'convert_official_dense',
     'detect_format',
-    'stripe_attention',
 ]
 
 
@@ -68,11 +67,13 @@ class StripeLayout(NamedTuple):
 
     Attributes:
         gather: (nW * N,) row index, one per stripe slot (stripe k, position p at ``k * N + p``),
-            into the (H * W * branches) rows of the qkv projection viewed as one row per
-            (token, branch); padding slots point at row 0 and are zeroed with ``keep``.
+            into (H * W * branches) rows, one per (token, branch) (one branch: the token map's
+            rows); padding slots point at row 0 and are zeroed with ``keep``.
         keep: (nW * N, 1) 1 for slots holding a token, 0 for padding.
         scatter: (H * W,) index into the stripe slots, one per token.
         height, width: Stripe extent in tokens (N = height * width).
+        window: The stripe as :func:`effvision.ops.window_attention`'s window, 0 for the whole
+            axis: (0, split) for vertical stripes, (split, 0) for horizontal ones.
     """
 
     gather: torch.Tensor
@@ -80,6 +81,7 @@ class StripeLayout(NamedTuple):
     scatter: torch.Tensor
     height: int
     width: int
+    window: tuple[int, int]
 
 
 def stripe_layout(
@@ -129,26 +131,8 @@ def stripe_layout(
         scatter = token + top
         height, width = split, w
     gather = torch.where(inside, source, torch.zeros_like(source)) * num_branches + branch
-    return StripeLayout(gather, inside[:, None].to(dtype), scatter, height, width)
-
-
-def stripe_attention(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, dropout_p: float = 0.0
-) -> torch.Tensor:
-    """Softmax attention within each stripe (or the whole map), no mask.
-
-    The attention core, kept a function of (q, k, v) in windowed layout so that a fused
-    window-attention kernel can take it over.
-
-    Args:
-        q, k, v: (B * nW, heads, N, head_dim).
-        scale: Logit scale (head_dim ** -0.5 in every released model).
-        dropout_p: Dropout on the attention probabilities.
-
-    Returns:
-        (B * nW, heads, N, head_dim).
-    """
-    return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, scale=scale)
+    window = (0, split) if vertical else (split, 0)
+    return StripeLayout(gather, inside[:, None].to(dtype), scatter, height, width, window)
 
 
 def conv_tokens(conv: nn.Conv2d, x: torch.Tensor, h: int, w: int) -> torch.Tensor:
@@ -200,47 +184,56 @@ class CrossShapedAttention(nn.Module):
         )
         self.proj = nn.Linear(dim, dim)
 
-    def _attend(self, qkv: torch.Tensor, lepe: nn.Conv2d, height: int, width: int) -> torch.Tensor:
-        """(B', N, 3, C') stripes of one branch -> (B', N, C') attention output + LePE."""
-        n, heads, d = qkv.shape[1], self.branch_heads, self.head_dim
-        q, k, v = qkv.view(-1, n, 3, heads, d).permute(2, 0, 3, 1, 4).unbind(0)
-        x = stripe_attention(q, k, v, self.scale, self.attn_drop if self.training else 0.0)
+    def _attend(
+        self,
+        qkv: torch.Tensor,
+        window: tuple[int, int],
+        lepe: nn.Conv2d,
+        layout: StripeLayout | None,
+    ) -> torch.Tensor:
+        """One branch: (B, H, W, 3C') projected map -> (B, H, W, C') attention output + LePE."""
+        b, h, w, _ = qkv.shape
+        x = window_attention(
+            qkv,
+            self.branch_heads,
+            window,
+            scale=self.scale,
+            center_pad=True,
+            dropout_p=self.attn_drop if self.training else 0.0,
+        )
         # LePE: depthwise 3x3 conv on V within each stripe, zero-padded at the stripe's borders
-        pos = conv_tokens(lepe, qkv[:, :, 2], height, width).reshape(-1, n, heads, d)
-        return (pos + x.transpose(1, 2)).flatten(2)  # pos first: the sum is laid out like it
+        v = qkv[..., 2 * self.branch_dim :].reshape(b, h * w, self.branch_dim)
+        if layout is None:
+            return x + conv_tokens(lepe, v, h, w)
+        stripes = v.index_select(1, layout.gather).mul_(layout.keep)
+        pos = conv_tokens(lepe, stripes.view(-1, layout.height * layout.width, self.branch_dim),
+                          layout.height, layout.width)  # fmt: skip
+        # reshape: the layout of pos depends on the device's conv kernels (a view on CPU)
+        pos = pos.reshape(b, -1, self.branch_dim).index_select(1, layout.scatter)
+        return x + pos.view(b, h, w, self.branch_dim)
 
     def forward(self, x: torch.Tensor, layouts: Sequence[StripeLayout] | None) -> torch.Tensor:
         """Attend within cross-shaped stripes.
 
         Args:
             x: (B, H, W, C) normalised tokens.
-            layouts: One :class:`StripeLayout` per branch (vertical, horizontal), or None for
-                global attention.
+            layouts: The LePE :class:`StripeLayout` of each branch (vertical, horizontal), or
+                None for global attention.
 
         Returns:
             (B, H, W, C).
         """
-        b, h, w, c = x.shape
         qkv = self.qkv(x)  # (B, H, W, 3C)
         if layouts is None:  # one branch: [q | k | v]
-            out = self._attend(qkv.view(b, h * w, 3, c), self.lepe[0], h, w).reshape(b, h, w, c)
-            return self.proj(out)
-        # Two branches: the qkv rows are grouped per branch, [q k v of branch 0 | of branch 1]
-        # (the converter permutes the official [q | k | v] x [branch 0 | branch 1] order), so
-        # that each (token, branch) is one contiguous row to gather.
-        rows = qkv.view(b, -1, 3 * self.branch_dim)  # (B, H * W * 2, 3C')
-        outs = []
-        for i, layout in enumerate(layouts):
-            # the official code pads q, k, v with zeros after the projection: padding slots
-            # gather any row and are zeroed
-            stripes = rows.index_select(1, layout.gather).mul_(layout.keep)
-            n = layout.height * layout.width
-            y = self._attend(
-                stripes.view(-1, n, 3, self.branch_dim), self.lepe[i], layout.height, layout.width
-            )
-            # reshape: the layout of y depends on the device's conv/SDPA kernels (a view on CPU)
-            outs.append(y.reshape(b, -1, self.branch_dim).index_select(1, layout.scatter))
-        return self.proj(torch.cat(outs, dim=-1).view(b, h, w, c))
+            return self.proj(self._attend(qkv, (0, 0), self.lepe[0], None))
+        # Two branches: the qkv channels are grouped per branch, [q k v of branch 0 | of
+        # branch 1] (the converter permutes the official [q | k | v] x [branch 0 | branch 1]).
+        width = 3 * self.branch_dim
+        outs = [
+            self._attend(qkv[..., i * width : (i + 1) * width], layout.window, self.lepe[i], layout)
+            for i, layout in enumerate(layouts)
+        ]
+        return self.proj(torch.cat(outs, dim=-1))
 
 
 class CSWinBlock(nn.Module):
@@ -336,8 +329,8 @@ class CSWinStage(nn.Module):
         if not self.global_attn:
             split, dtype, device = self.split_size, x.dtype, x.device
             layouts = (
-                stripe_layout(h, w, split, True, 0, 2, dtype, device),
-                stripe_layout(h, w, split, False, 1, 2, dtype, device),
+                stripe_layout(h, w, split, True, 0, 1, dtype, device),
+                stripe_layout(h, w, split, False, 0, 1, dtype, device),
             )
         for block in self.blocks:
             if self.with_cp and x.requires_grad:

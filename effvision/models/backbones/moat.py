@@ -16,12 +16,11 @@ anew in PyTorch; what differs and why:
   with ceil(H / wh) x ceil(W / ww) windows whose out-of-map slots are masked out as keys (their
   queries are dropped): each pixel attends exactly to the pixels of its window inside the map,
   which equals the official result wherever the official code runs.
-* q, k and v are projected on the real pixels only and gathered into window slots with one
-  index vector (no padded copy: out-of-map slots point at any real pixel), in
-  (position-in-window, window) order, so that they are *views* of (B, windows x heads, N,
-  head_dim) and one additive mask of (windows x heads, N, N) (relative position bias + key mask)
-  broadcasts over the batch in ``F.scaled_dot_product_attention``. H and W stay symbolic under
-  ``torch.export`` and the dynamic-shape ONNX export.
+* q, k and v are projected on the real pixels only (one linear over the three weight matrices)
+  and attention in windows (or over the whole map), relative position bias and key mask
+  included, is one op, :func:`effvision.ops.window_attention`: a fused C++/CUDA kernel, or its
+  PyTorch reference (index gathers + ``F.scaled_dot_product_attention``; what ONNX export
+  records). H and W stay symbolic under ``torch.export`` and the dynamic-shape ONNX export.
 * The relative position table is resized to the window (``F.interpolate`` bilinear, half-pixel,
   no antialias, as ``tf.image.resize``) and reindexed with two small gathers at every forward,
   from the loaded parameter. (In TF2 eager mode the official ``Attention.build`` freezes the bias
@@ -44,7 +43,6 @@ from __future__ import annotations
 
 import re
 from collections.abc import Mapping, Sequence
-from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -53,7 +51,8 @@ from timm.layers import DropPath
 from torch import nn
 
 from effvision.models.backbones.base import DenseBackbone
-from effvision.models.layers.window import floor_mod, pair, round_up
+from effvision.models.layers.window import floor_mod, pair
+from effvision.ops.window_attention import window_attention
 from effvision.registry import MODELS
 from effvision.utils.checkpoint import CheckpointError
 
@@ -170,78 +169,6 @@ class SqueezeExcite(nn.Module):
         return x * gate.sigmoid()
 
 
-class WindowSlots(NamedTuple):
-    """How an (H, W) map is cut into (wh, ww) windows, without padding the data.
-
-    Slots are ordered (position in window, window), i.e. slot ``p * nW + k``, so that projected
-    tokens viewed as (B, N, nW * heads, head_dim) have windows and heads adjacent.
-
-    Attributes:
-        gather: (N * nW,) source pixel of each slot in the row-major map; slots outside the map
-            point at pixel 0 (they are masked as keys and dropped as queries).
-        scatter: (H * W,) slot of each pixel.
-        key_mask: (nW, 1, 1, N) additive mask: 0 for pixels, a large negative for outside slots.
-    """
-
-    gather: torch.Tensor
-    scatter: torch.Tensor
-    key_mask: torch.Tensor
-
-
-def window_slots(
-    h: int, w: int, window: tuple[int, int], dtype: torch.dtype, device: torch.device
-) -> WindowSlots:
-    """Index vectors and key mask of (wh, ww) windows over an (h, w) map (h, w may be symbolic).
-
-    Indices come from flat aranges (as in ``effvision.models.layers.window``): broadcasting
-    symbolic-length aranges would make ``torch.export`` guard on sizes of 1.
-    """
-    wh, ww = window
-    n = wh * ww
-    cols = round_up(w, ww) // ww  # windows per row
-    nw = (round_up(h, wh) // wh) * cols
-
-    def inside(win: torch.Tensor, pos: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        row = (win // cols) * wh + pos // ww
-        col = floor_mod(win, cols) * ww + floor_mod(pos, ww)
-        return (row < h) & (col < w), row * w + col
-
-    slot = torch.arange(n * nw, device=device)
-    valid, source = inside(floor_mod(slot, nw), slot // nw)  # slot = pos * nW + win
-    gather = torch.where(valid, source, 0)
-    pixel = torch.arange(h * w, device=device)
-    r, c = pixel // w, floor_mod(pixel, w)
-    scatter = (floor_mod(r, wh) * ww + floor_mod(c, ww)) * nw + (r // wh) * cols + c // ww
-    # the mask depends on the key only: (nW, 1, 1, N), enumerated window-major (a transpose of
-    # `valid` would make torch.export guard on nW being 1)
-    valid_keys, _ = inside(slot // n, floor_mod(slot, n))
-    outside = (~valid_keys).to(dtype).view(nw, 1, 1, n)
-    return WindowSlots(gather, scatter, outside * torch.finfo(dtype).min)
-
-
-def relative_offsets(length: int, device: torch.device) -> torch.Tensor:
-    """(length * length,) index ``key - query + length - 1`` for every (query, key) pair."""
-    pair_index = torch.arange(length * length, device=device)
-    return floor_mod(pair_index, length) - pair_index // length + (length - 1)
-
-
-def window_attention(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor | None, scale: float
-) -> torch.Tensor:
-    """Softmax attention inside windows: the core a fused window kernel can replace.
-
-    Args:
-        q, k, v: (B, nW * heads, N, head_dim), windows and heads flattened together.
-        bias: Additive (1, nW * heads, N, N) or (1, nW * heads, 1, N) mask (relative position
-            bias and masked keys), broadcast over the batch; None for none.
-        scale: Multiplier of the logits.
-
-    Returns:
-        (B, nW * heads, N, head_dim).
-    """
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=bias, scale=scale)
-
-
 class Attention(nn.Module):
     """Multi-head self-attention with deeplab2's 2-D multi-head relative position bias.
 
@@ -267,71 +194,56 @@ class Attention(nn.Module):
         else:
             self.relative_position_embedding = None
 
-    def position_bias(self, wh: int, ww: int) -> torch.Tensor | None:
-        """(heads, N, N) bias, N = wh * ww: ``bias[n, (i, j), (x, y)] = T[n, x - i, y - j]``."""
+    def position_table(self, wh: int, ww: int) -> torch.Tensor | None:
+        """((2wh - 1) * (2ww - 1), heads) table for a (wh, ww) window, resized if needed."""
         table = self.relative_position_embedding
         if table is None:
             return None
         size = (2 * wh - 1, 2 * ww - 1)
         if not (isinstance(wh, int) and isinstance(ww, int) and size == tuple(table.shape[1:])):
             table = F.interpolate(table[None], size=size, mode='bilinear', align_corners=False)[0]
-        # two separable lookups (heights, then widths), then (i, x, j, y) -> (i, j, x, y)
-        bias = table.index_select(1, relative_offsets(wh, table.device))
-        bias = bias.index_select(2, relative_offsets(ww, table.device))
-        bias = bias.view(self.num_heads, wh, wh, ww, ww).transpose(2, 3)
-        # copy_ into a new tensor rather than reshape: a reshape of the transposed view makes
-        # torch.export guard on the window sides being 1
-        out = bias.new_empty(self.num_heads, wh, ww, wh, ww)
-        out.copy_(bias)
-        return out.view(self.num_heads, wh * ww, wh * ww)
+        return table.flatten(1).t()
 
-    def forward(
-        self, x: torch.Tensor, window: tuple[int, int] | None, slots: WindowSlots | None
-    ) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, window: tuple[int, int] | None) -> torch.Tensor:
         """Attend globally (``window`` None) or inside windows.
 
         Args:
             x: (B, H, W, C) normalised map.
             window: (wh, ww), or None for one window covering the whole map.
-            slots: The stage's :func:`window_slots` for ``window`` (None when global).
 
         Returns:
             (B, H * W, C).
         """
         b, h, w, _ = x.shape
-        tokens = x.flatten(1, 2)
-        if window is None:
-            wh, ww = h, w
-            bias = self.position_bias(wh, ww)
-            bias = bias[None] if bias is not None else None
-        else:
-            wh, ww = window
-            bias = self.position_bias(wh, ww)
-            if bias is None:
-                bias = slots.key_mask.expand(-1, self.num_heads, -1, -1)
-            else:
-                bias = slots.key_mask + bias
-            bias = bias.flatten(0, 1)[None]  # (1, nW * heads, N or 1, N)
-        n, d = wh * ww, self.head_dim
+        wh, ww = (h, w) if window is None else window
+        weight = torch.cat([self.q.weight, self.k.weight, self.v.weight])
+        bias = torch.cat([self.q.bias, self.k.bias, self.v.bias])
+        table = self.position_table(wh, ww)
+        if table is not None:  # e.g. half-precision q under autocast, float32 table
+            table = table.to(x.dtype)
+        out = window_attention(
+            F.linear(x, weight, bias),
+            self.num_heads,
+            (0, 0) if window is None else window,
+            scale=self.head_dim**-0.5,
+            bias_table=table,
+            bias_index=None if table is None else relative_index(wh, ww, x.device),
+            mask_padded_keys=True,
+        )
+        return self.o(out.flatten(1, 2))
 
-        def heads(layer: nn.Linear) -> torch.Tensor:
-            # project the real pixels only, then gather the window slots (B, N * nW, heads * d),
-            # viewed as (B, nW * heads, N, d) without a copy
-            y = layer(tokens) if window is None else layer(tokens).index_select(1, slots.gather)
-            return y.view(b, n, -1, d).transpose(1, 2)
 
-        q, k, v = heads(self.q), heads(self.k), heads(self.v)
-        if bias is not None:  # e.g. half-precision q under autocast, float32 table
-            bias = bias.to(q.dtype)
-        out = window_attention(q, k, v, bias, d**-0.5)
-        # (B, N, nW * heads, d) -> (B, N * nW, heads * d). An explicit copy: whether the
-        # attention output is already laid out so depends on the SDPA backend, and a reshape
-        # recorded as a view by torch.export breaks when ONNX decomposes SDPA differently.
-        out = out.transpose(1, 2).clone(memory_format=torch.contiguous_format)
-        out = out.view(b, -1, self.num_heads * d)
-        if window is not None:
-            out = out.index_select(1, slots.scatter)  # back to pixels, outside slots dropped
-        return self.o(out)
+def relative_index(wh: int, ww: int, device: torch.device) -> torch.Tensor:
+    """(N, N) index into the flattened (2wh - 1, 2ww - 1) table at key - query, N = wh * ww.
+
+    Built from one flat ``arange`` (sizes may be symbolic for global attention).
+    """
+    n = wh * ww
+    pair = torch.arange(n * n, device=device)
+    query, key = pair // n, floor_mod(pair, n)
+    rows = key // ww - query // ww + (wh - 1)
+    cols = floor_mod(key, ww) - floor_mod(query, ww) + (ww - 1)
+    return (rows * (2 * ww - 1) + cols).view(n, n)
 
 
 class MBConvBlock(nn.Module):
@@ -383,15 +295,10 @@ class MBConvBlock(nn.Module):
             y = self.se(y)
         return self.shortcut(x) + self.drop_path(self.shrink_conv(y))
 
-    def forward(
-        self,
-        x: torch.Tensor,
-        window: tuple[int, int] | None = None,
-        slots: WindowSlots | None = None,
-    ) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, window: tuple[int, int] | None = None) -> torch.Tensor:
         """(B, C_in, H, W) -> (B, C_out, ceil(H / stride), ceil(W / stride)).
 
-        ``window`` and ``slots`` are accepted for a uniform stage loop and ignored.
+        ``window`` is accepted for a uniform stage loop and ignored.
         """
         return self.mbconv(x)
 
@@ -437,25 +344,19 @@ class MOATBlock(MBConvBlock):
         self.attention_norm = nn.LayerNorm(out_channels, eps=_LN_EPS)
         self.attention = Attention(out_channels, head_dim, position_embedding_size)
 
-    def forward(
-        self,
-        x: torch.Tensor,
-        window: tuple[int, int] | None = None,
-        slots: WindowSlots | None = None,
-    ) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, window: tuple[int, int] | None = None) -> torch.Tensor:
         """One MOAT block.
 
         Args:
             x: (B, C_in, H, W).
             window: (wh, ww) attention window, or None for global attention.
-            slots: :func:`window_slots` of the *output* map for ``window`` (None when global).
 
         Returns:
             (B, C_out, H', W') with H' = ceil(H / stride), W' = ceil(W / stride).
         """
         x = self.mbconv(x)
         b, c, h, w = x.shape
-        y = self.attention(self.attention_norm(x.permute(0, 2, 3, 1)), window, slots)
+        y = self.attention(self.attention_norm(x.permute(0, 2, 3, 1)), window)
         return x + self.drop_path(y.transpose(1, 2).view(b, c, h, w))
 
 
@@ -522,18 +423,11 @@ class MOATStage(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """(B, C_in, H, W) -> (B, C_out, ceil(H / stride), ceil(W / stride))."""
-        slots = None
-        if self.window is not None and any(w is not None for w in self.windows):
-            # every block attends on the stage's output map (the first block is strided)
-            stride = self.blocks[0].stride
-            h, w = ceil_div(x.shape[2], stride), ceil_div(x.shape[3], stride)
-            slots = window_slots(h, w, self.window, x.dtype, x.device)
         for block, window in zip(self.blocks, self.windows, strict=True):
-            args = (window, slots if window is not None else None)
             if self.with_cp and torch.is_grad_enabled():
-                x = cp.checkpoint(block, x, *args, use_reentrant=False)
+                x = cp.checkpoint(block, x, window, use_reentrant=False)
             else:
-                x = block(x, *args)
+                x = block(x, window)
         return x
 
 

@@ -5,12 +5,13 @@ Reference: the official dense code, SwinTransformer/Swin-Transformer-Semantic-Se
 (``mmseg/models/backbones/swin_transformer.py`` @ 87e6f90), which our outputs match to float64
 round-off. Written anew; what differs and why:
 
-* Window partition, cyclic shift, window reverse and the crop of the padding are one gather each
-  way, patch merging is a gather too, the shift mask comes from index arithmetic, and padding is
-  always applied (possibly by zero): H and W stay symbolic under ``torch.export``, so dynamic-shape
-  ONNX graphs are right at every size (``effvision/models/layers/window.py``).
-* Attention runs through ``F.scaled_dot_product_attention`` on (windows x batch, heads, N, d) with
-  the relative position bias and the shift mask folded into one additive mask.
+* Padding, cyclic shift, window partition, relative position bias, shift mask, softmax attention,
+  window reverse and the crop are one op, :func:`effvision.ops.window_attention`, from the qkv
+  projection of the (unpadded) map to the attention output map: a fused C++/CUDA kernel, or its
+  PyTorch reference (index gathers + SDPA; also what ONNX export records). Padded tokens get the
+  qkv bias as their projection, which is what projecting the official zero-padded map gives.
+  Patch merging is a gather and padding is always applied (possibly by zero): H and W stay
+  symbolic under ``torch.export``, so dynamic-shape ONNX graphs are right at every size.
 * State-dict names follow the official checkpoint where the structure is the same
   (``patch_embed``, ``blocks.j.attn.qkv``, ``mlp.fc1``, ``norm{i}``); stages are ``stages.i``
   rather than ``layers.i`` and the derived ``relative_position_index`` buffer is not stored.
@@ -34,16 +35,8 @@ from torch import nn
 
 from effvision.models.backbones.base import DenseBackbone
 from effvision.models.layers.mlp import Mlp
-from effvision.models.layers.window import (
-    WindowLayout,
-    floor_mod,
-    pad_to_multiple,
-    partition,
-    reverse,
-    shift_window_mask,
-    to_nchw,
-    window_layout,
-)
+from effvision.models.layers.window import floor_mod, pad_to_multiple, to_nchw
+from effvision.ops.window_attention import window_attention
 from effvision.registry import MODELS
 from effvision.utils.checkpoint import CheckpointError
 
@@ -123,40 +116,28 @@ class WindowAttention(nn.Module):
         self.proj = nn.Linear(dim, dim)
         self.proj_drop = nn.Dropout(proj_drop)
 
-    def relative_position_bias(self) -> torch.Tensor:
-        """(num_heads, N, N) bias, N = window * window."""
-        n = self.window * self.window
-        bias = self.relative_position_bias_table[self.relative_position_index.view(-1)]
-        return bias.view(n, n, -1).permute(2, 0, 1)
-
-    def forward(self, x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
-        """Attend within each window.
+    def forward(self, x: torch.Tensor, shift: int) -> torch.Tensor:
+        """Attend within each (shifted) window.
 
         Args:
-            x: (B, nW, N, C) tokens of each window.
-            mask: (nW, N, N) additive shift mask, or None for unshifted windows.
+            x: (B, H, W, C) normalised token map, any H and W (padded inside the op).
+            shift: Cyclic shift of the windows (0 for plain windows).
 
         Returns:
-            (B, nW, N, C).
+            (B, H, W, C).
         """
-        b, nw, n, c = x.shape
-        # windows go to the batch dim: 4-D SDPA takes PyTorch's fused kernels, 5-D the math path
-        # (on 2 CPU cores 3.9x slower forward, 1.6x forward + backward:
-        # tools/analysis/benchmark_swin_attention.py)
-        qkv = self.qkv(x).view(b * nw, n, 3, self.num_heads, c // self.num_heads)
-        q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # each (B*nW, heads, N, head_dim)
-        attn_mask = self.relative_position_bias().to(q.dtype)  # (heads, N, N)
-        if mask is not None:
-            attn_mask = (attn_mask + mask[:, None]).repeat(b, 1, 1, 1)  # (B*nW, heads, N, N)
-        x = F.scaled_dot_product_attention(
-            q,
-            k,
-            v,
-            attn_mask=attn_mask,
-            dropout_p=self.attn_drop if self.training else 0.0,
+        x = window_attention(
+            self.qkv(x),
+            self.num_heads,
+            self.window,
+            shift,
             scale=self.scale,
+            bias_table=self.relative_position_bias_table,
+            bias_index=self.relative_position_index,
+            pad_value=self.qkv.bias,
+            shift_mask_value=_SHIFT_MASK_VALUE,
+            dropout_p=self.attn_drop if self.training else 0.0,
         )
-        x = x.transpose(1, 2).reshape(b, nw, n, c)
         return self.proj_drop(self.proj(x))
 
 
@@ -192,24 +173,9 @@ class SwinBlock(nn.Module):
         self.norm2 = nn.LayerNorm(dim)
         self.mlp = Mlp(dim, int(dim * mlp_ratio), drop)
 
-    def forward(
-        self, x: torch.Tensor, layout: WindowLayout, mask: torch.Tensor | None
-    ) -> torch.Tensor:
-        """One block.
-
-        Args:
-            x: (B, H, W, C) token map.
-            layout: The stage's window layout for this block's shift.
-            mask: (nW, N, N) shift mask for shifted blocks, None for plain ones.
-
-        Returns:
-            (B, H, W, C).
-        """
-        h, w = x.shape[1], x.shape[2]
-        # Pad after norm1: padded tokens are zeros (not the norm of zeros), as in the official code.
-        y = pad_to_multiple(self.norm1(x), self.window, dims=(1, 2))
-        y = reverse(self.attn(partition(y, layout), mask), layout, h, w)
-        x = x + self.drop_path(y)
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, H, W, C) -> (B, H, W, C)."""
+        x = x + self.drop_path(self.attn(self.norm1(x), self.shift))
         return x + self.drop_path(self.mlp(self.norm2(x)))
 
 
@@ -252,20 +218,11 @@ class SwinStage(nn.Module):
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(B, H, W, C) -> (stage output (B, H, W, C), next stage input)."""
-        h, w = x.shape[1], x.shape[2]
-        plain = window_layout(h, w, self.window, 0, x.device)
-        shifted = mask = None
-        if len(self.blocks) > 1:
-            shifted = window_layout(h, w, self.window, self.shift, x.device)
-            mask = shift_window_mask(
-                h, w, self.window, self.shift, _SHIFT_MASK_VALUE, x.dtype, x.device
-            )
         for block in self.blocks:
-            args = (plain, None) if block.shift == 0 else (shifted, mask)
             if self.with_cp and x.requires_grad:
-                x = cp.checkpoint(block, x, *args, use_reentrant=False)
+                x = cp.checkpoint(block, x, use_reentrant=False)
             else:
-                x = block(x, *args)
+                x = block(x)
         return x, (self.downsample(x) if self.downsample is not None else x)
 
 

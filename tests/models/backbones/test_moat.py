@@ -25,7 +25,6 @@ from effvision.models.backbones.moat import (
     avg_pool_same,
     convert_tf,
     detect_format,
-    window_slots,
 )
 from effvision.utils import CheckpointError
 from tests.conftest import golden_dir, load_golden
@@ -107,7 +106,7 @@ def all_endpoints(model: MOAT, x: torch.Tensor) -> list[torch.Tensor]:
     'case, dtype',
     [(case, torch.float32) for case in GOLDEN_CASES] + [('small_divisible', torch.float64)],
 )
-def test_matches_official_deeplab2_moat(case, dtype):
+def test_matches_official_deeplab2_moat(case, dtype, ops_path):
     """Every endpoint of the official TF model (float32 fixtures) within the README's tolerance,
     running in float32, and once in float64 (stored float32 weights cast up; NCHW, and one case
     only: PyTorch runs float64 depthwise convs on the CPU one channel at a time)."""
@@ -293,8 +292,7 @@ def test_windows_over_any_map_attend_within_the_map(size, window):
     attn = Attention(16, 8, position_embedding_size=4).double()
     nn.init.normal_(attn.relative_position_embedding, std=0.5)
     x = torch.randn(2, *size, 16, dtype=torch.float64)
-    slots = window_slots(*size, window, torch.float64, x.device) if window else None
-    ours = attn(x, window, slots)
+    ours = attn(x, window)
     expected = naive_window_attention(attn, x, window or size)
     torch.testing.assert_close(ours, expected, rtol=1e-10, atol=1e-10)
 

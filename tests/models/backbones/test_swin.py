@@ -49,7 +49,7 @@ def tiny_swin(**overrides) -> Swin:
 
 # -- golden parity ------------------------------------------------------------------------------
 @pytest.mark.parametrize('case', GOLDEN_CASES)
-def test_matches_official_dense_swin(case):
+def test_matches_official_dense_swin(case, ops_path):
     golden = load_golden('swin', case)
     model = swin_from_official_kwargs(golden['kwargs']).double().eval()
     state = checkpoint_filter_fn(golden['state_dict'], model)
@@ -63,7 +63,7 @@ def test_matches_official_dense_swin(case):
 
 
 @pytest.mark.parametrize('case', ['small_divisible', 'small_odd'])
-def test_matches_official_in_float32(case):
+def test_matches_official_in_float32(case, ops_path):
     golden = load_golden('swin', case)
     model = swin_from_official_kwargs(golden['kwargs']).eval()
     model.load_state_dict(checkpoint_filter_fn(golden['state_dict'], model))
