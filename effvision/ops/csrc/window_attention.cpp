@@ -12,7 +12,6 @@
 #include <ATen/Parallel.h>
 
 #include <algorithm>
-#include <bit>
 #include <cmath>
 #include <limits>
 #include <vector>
@@ -45,8 +44,11 @@ namespace {
 // exp for the softmax: Cephes' single-precision polynomial (about 1 ulp on the clamped range),
 // written so that the compiler vectorises the loops that call it (libm's expf is scalar).
 EV_INLINE float fast_exp(float x) {
-  x = std::min(std::max(x, -87.3f), 88.3f);
-  const float n = std::floor(x * 1.44269504088896341f + 0.5f);
+  // ternaries and builtins, not std::min/std::floor/std::bit_cast: those keep GCC from
+  // vectorising the calling loop
+  x = x < -87.3f ? -87.3f : x;
+  x = x > 88.3f ? 88.3f : x;
+  const float n = __builtin_floorf(x * 1.44269504088896341f + 0.5f);
   const float r = x - n * 0.693359375f + n * 2.12194440e-4f;
   float p = 1.9875691500e-4f;
   p = p * r + 1.3981999507e-3f;
@@ -55,7 +57,7 @@ EV_INLINE float fast_exp(float x) {
   p = p * r + 1.6666665459e-1f;
   p = p * r + 5.0000001201e-1f;
   p = p * r * r + r + 1.0f;
-  return p * std::bit_cast<float>((static_cast<int32_t>(n) + 127) << 23);
+  return p * __builtin_bit_cast(float, (static_cast<int32_t>(n) + 127) << 23);
 }
 EV_INLINE double fast_exp(double x) { return std::exp(x); }
 
@@ -91,6 +93,7 @@ constexpr int kLanes = 32;  // accumulators per combine_rows pass (4 AVX2 regist
 template <typename acc_t>
 struct Inputs {
   const acc_t* table = nullptr;    // (heads, T): the bias table transposed, one row per head
+  const acc_t* dense = nullptr;    // (heads, N, N): the table gathered once per call, or nullptr
   const int64_t* index = nullptr;  // (N, N)
   const acc_t* pad = nullptr;      // (3C) value of padded tokens, nullptr for zeros
 };
@@ -102,7 +105,7 @@ struct Window {
   std::vector<acc_t> q, k, kt, v, vt;  // q: (N, d) pre-scaled; kt, vt: (d, Np) transposed
   std::vector<acc_t> key_weight;       // 1, or 0 for a masked padded key
   std::vector<int64_t> offset;         // token offset into the map (without channel), -1: padded
-  std::vector<int> region;
+  std::vector<acc_t> region;          // shift-mask region of each slot (small integers)
   std::vector<acc_t> logits;           // one query row (Np)
 
   Window(int N_, int d_) : N(N_), Np((N_ + 15) / 16 * 16), d(d_) {
@@ -124,25 +127,28 @@ struct Window {
     const int64_t ch = int64_t(h) * d;
     for (int s = 0; s < N; ++s) {
       const Slot slot = slot_source(p.g, win, s);
-      region[s] = slot.region;
+      region[s] = acc_t(slot.region);
       acc_t* qs = &q[size_t(s) * d];
       acc_t* ks = &k[size_t(s) * d];
       acc_t* vs = &v[size_t(s) * d];
       if (slot.row >= 0) {
         offset[s] = b * p.sB + slot.row * p.sH + slot.col * p.sW;
         const scalar_t* src = qkv + offset[s] + ch;
-        for (int c = 0; c < d; ++c) {
-          qs[c] = static_cast<acc_t>(src[c]) * p.scale;
-          ks[c] = static_cast<acc_t>(src[p.C + c]);
-          vs[c] = static_cast<acc_t>(src[2 * p.C + c]);
-        }
+        const acc_t scale = p.scale;
+#pragma omp simd
+        for (int c = 0; c < d; ++c) qs[c] = static_cast<acc_t>(src[c]) * scale;
+#pragma omp simd
+        for (int c = 0; c < d; ++c) ks[c] = static_cast<acc_t>(src[p.C + c]);
+#pragma omp simd
+        for (int c = 0; c < d; ++c) vs[c] = static_cast<acc_t>(src[2 * p.C + c]);
         key_weight[s] = 1;
       } else {
         offset[s] = -1;
+        const acc_t* pad = in.pad;
         for (int c = 0; c < d; ++c) {
-          qs[c] = in.pad ? in.pad[ch + c] * p.scale : acc_t(0);
-          ks[c] = in.pad ? in.pad[p.C + ch + c] : acc_t(0);
-          vs[c] = in.pad ? in.pad[2 * p.C + ch + c] : acc_t(0);
+          qs[c] = pad ? pad[ch + c] * p.scale : acc_t(0);
+          ks[c] = pad ? pad[p.C + ch + c] : acc_t(0);
+          vs[c] = pad ? pad[2 * p.C + ch + c] : acc_t(0);
         }
         key_weight[s] = p.mask_padded_keys ? 0 : 1;
       }
@@ -157,14 +163,20 @@ struct Window {
   EV_INLINE void compute_logits(int i, int h, const Params<acc_t>& p, const Inputs<acc_t>& in) {
     acc_t* s = logits.data();
     combine_rows<kLanes>(s, &q[size_t(i) * d], kt.data(), d, Np, Np);
-    if (in.table) {
+    if (in.dense) {
+      const acc_t* bias = in.dense + (int64_t(h) * N + i) * N;
+#pragma omp simd
+      for (int j = 0; j < N; ++j) s[j] += bias[j];
+    } else if (in.table) {
       const acc_t* table = in.table + int64_t(h) * p.T;
       const int64_t* index = in.index + int64_t(i) * N;
       for (int j = 0; j < N; ++j) s[j] += table[index[j]];
     }
     if (p.g.shifted) {
-      const int ri = region[i];
-      for (int j = 0; j < N; ++j) s[j] += region[j] != ri ? p.shift_mask_value : acc_t(0);
+      const acc_t ri = region[i], fill = p.shift_mask_value;
+      const acc_t* r = region.data();
+#pragma omp simd
+      for (int j = 0; j < N; ++j) s[j] += r[j] != ri ? fill : acc_t(0);
     }
     if (p.mask_padded_keys) {
       for (int j = 0; j < N; ++j)
@@ -194,7 +206,7 @@ void split_task(const Params<acc_t>& p, int64_t task, int& b, int& win, int& h) 
 }
 
 template <typename scalar_t, typename acc_t>
-__attribute__((target_clones("arch=haswell", "default"))) void forward_tasks(
+__attribute__((target_clones("arch=x86-64-v3", "default"))) void forward_tasks(
     const scalar_t* qkv, scalar_t* out, acc_t* lse, const Params<acc_t>& p,
     const Inputs<acc_t>& in, int64_t begin, int64_t end) {
   Window<acc_t> w(p.g.N, p.d);
@@ -224,7 +236,7 @@ __attribute__((target_clones("arch=haswell", "default"))) void forward_tasks(
 }
 
 template <typename scalar_t, typename acc_t>
-__attribute__((target_clones("arch=haswell", "default"))) void backward_tasks(
+__attribute__((target_clones("arch=x86-64-v3", "default"))) void backward_tasks(
     const scalar_t* grad_out, const scalar_t* qkv, const scalar_t* out, const acc_t* lse,
     scalar_t* grad_qkv, acc_t* grad_table, acc_t* grad_pad, const Params<acc_t>& p,
     const Inputs<acc_t>& in, int64_t begin, int64_t end) {
@@ -359,6 +371,12 @@ Inputs<acc_t> cpu_inputs(const c10::optional<at::Tensor>& bias_table,
     keep.push_back(bias_index->contiguous());
     in.table = keep[keep.size() - 2].data_ptr<acc_t>();
     in.index = keep.back().data_ptr<int64_t>();
+    // every window reads the same (heads, N, N) bias: gather it once, unless it is large
+    const int64_t N = bias_index->size(0);
+    if (N * N * bias_table->size(1) <= (int64_t(1) << 22)) {
+      keep.push_back(keep[keep.size() - 2].index_select(1, keep.back().view(-1)).contiguous());
+      in.dense = keep.back().data_ptr<acc_t>();
+    }
   }
   if (pad_value) {
     keep.push_back(pad_value->to(acc).contiguous());
