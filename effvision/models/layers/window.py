@@ -1,9 +1,11 @@
-"""Window partitioning for windowed attention, written to stay shape-generic under export.
+"""Window partitioning of token maps, written to stay shape-generic under export.
 
-Partitioning a (padded) token map into windows, optionally after a cyclic shift, is a permutation
-of its tokens, and reassembling plus un-shifting plus cropping the padding is a gather. We build
-both index vectors from ``arange`` arithmetic once per stage and apply them with ``index_select``.
-Compared with the usual ``roll`` + 6-D ``view``/``permute`` + slice, this
+(Window *attention* is one op, :mod:`effvision.ops.window_attention`; this module serves the
+backbones that partition maps themselves, e.g. BiFormer's regions.) Partitioning a (padded) token
+map into windows, optionally after a cyclic shift, is a permutation of its tokens, and
+reassembling plus un-shifting plus cropping the padding is a gather. We build both index vectors
+from ``arange`` arithmetic once per stage and apply them with ``index_select``. Compared with the
+usual ``roll`` + 6-D ``view``/``permute`` + slice, this
 
 * moves the data once per direction instead of up to three times (roll, permute copy, crop);
 * keeps H and W symbolic under ``torch.export``: a reshape of a permuted tensor makes the exporter
@@ -112,43 +114,6 @@ def window_layout(
     c = floor_mod(floor_mod(token, w) - sw, wp)
     scatter = ((r // wh) * nw + c // ww) * n + floor_mod(r, wh) * ww + floor_mod(c, ww)
     return WindowLayout(gather, scatter, n)
-
-
-def partition(x: torch.Tensor, layout: WindowLayout) -> torch.Tensor:
-    """(B, Hp, Wp, C) padded map -> (B, nW, N, C) windows."""
-    windows = x.flatten(1, 2).index_select(1, layout.gather)
-    return windows.unflatten(1, (-1, layout.num_tokens))
-
-
-def reverse(windows: torch.Tensor, layout: WindowLayout, h: int, w: int) -> torch.Tensor:
-    """(B, nW, N, C) windows -> (B, h, w, C) map, un-shifted and cropped to the real tokens."""
-    tokens = windows.flatten(1, 2).index_select(1, layout.scatter)
-    return tokens.view(windows.shape[0], h, w, windows.shape[-1])
-
-
-def shift_window_mask(
-    h: int, w: int, window: int, shift: int, fill: float, dtype: torch.dtype, device=None
-) -> torch.Tensor:
-    """Additive attention mask of shifted windows over an (h, w) map (padded to the window).
-
-    After the cyclic shift, the last ``window`` rows (and columns) of the padded canvas hold
-    tokens from up to three regions that are not neighbours in the image (bottom/right edge and
-    the wrapped-around top/left); tokens of different regions must not attend to each other.
-
-    Returns:
-        (nW, N, N): 0 within a region, ``fill`` across regions.
-    """
-    hp, wp = round_up(h, window), round_up(w, window)
-    token = torch.arange(hp * wp, device=device)
-    rows, cols = token // wp, floor_mod(token, wp)
-    # region label in rolled coordinates: 0 before the last window, 1 inside it before the
-    # shift, 2 after the shift
-    region_h = (rows >= hp - window).long() + (rows >= hp - shift).long()
-    region_w = (cols >= wp - window).long() + (cols >= wp - shift).long()
-    region = (region_h * 3 + region_w).view(1, hp, wp, 1)
-    region = partition(region, window_layout(hp, wp, window, 0, device)).view(-1, window * window)
-    different = region[:, :, None] != region[:, None, :]
-    return different.to(dtype) * fill
 
 
 def to_nchw(x: torch.Tensor) -> torch.Tensor:

@@ -8,10 +8,7 @@ import torch
 from effvision.models.layers.window import (
     pad_to_multiple,
     pair,
-    partition,
-    reverse,
     round_up,
-    shift_window_mask,
     to_nchw,
     window_layout,
 )
@@ -52,27 +49,22 @@ def test_rectangular_windows_match_roll_and_permute(size, window, shift):
     torch.testing.assert_close(reverse(windows, layout, h, w), x, rtol=0, atol=0)
 
 
+def partition(x: torch.Tensor, layout) -> torch.Tensor:
+    """(B, Hp, Wp, C) padded map -> (B, nW, N, C) windows."""
+    return x.flatten(1, 2).index_select(1, layout.gather).unflatten(1, (-1, layout.num_tokens))
+
+
+def reverse(windows: torch.Tensor, layout, h: int, w: int) -> torch.Tensor:
+    """(B, nW, N, C) windows -> (B, h, w, C), un-shifted and cropped."""
+    tokens = windows.flatten(1, 2).index_select(1, layout.scatter)
+    return tokens.view(windows.shape[0], h, w, windows.shape[-1])
+
+
 def test_round_up_and_pad():
     assert [round_up(n, 7) for n in (1, 7, 8, 14)] == [7, 7, 14, 14]
     x = torch.ones(1, 5, 9, 2)
     y = pad_to_multiple(x, 4, dims=(1, 2))
     assert y.shape == (1, 8, 12, 2) and y.sum() == x.sum()
-
-
-def test_shift_mask_matches_slice_construction():
-    """Regions built the way the official code does (slice assignment on the padded canvas)."""
-    hp, wp, window, shift = 14, 21, 7, 3
-    img = torch.zeros(1, hp, wp, 1)
-    label = 0
-    for hs in (slice(0, -window), slice(-window, -shift), slice(-shift, None)):
-        for ws in (slice(0, -window), slice(-window, -shift), slice(-shift, None)):
-            img[:, hs, ws, :] = label
-            label += 1
-    regions = reference_partition(img, window, 0).squeeze(-1).squeeze(0)
-    expected = (regions[:, None, :] - regions[:, :, None] != 0).float() * -100.0
-    torch.testing.assert_close(
-        shift_window_mask(hp, wp, window, shift, -100.0, torch.float32), expected
-    )
 
 
 def test_to_nchw():
