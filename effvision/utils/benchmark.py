@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+import json
+import os
 import platform
+import subprocess
+import sys
 import time
 from collections.abc import Callable
 
 import torch
 
-__all__ = ['machine', 'timed', 'peak_memory_bytes']
+__all__ = ['machine', 'timed', 'peak_memory_bytes', 'run_job']
 
 
 def machine() -> str:
@@ -72,3 +76,17 @@ def peak_memory_bytes(fn: Callable[[], object], device: torch.device) -> int:
     before = _status_bytes('VmRSS:')
     fn()
     return _status_bytes('VmHWM:') - before
+
+
+def run_job(script: str, job: dict) -> dict:
+    """Runs ``script --job JSON`` in a fresh interpreter (``job['threads']`` OpenMP threads) and
+    returns the JSON dict its last stdout line holds, or ``{'error': last stderr line}``."""
+    result = subprocess.run(
+        [sys.executable, script, '--job', json.dumps(job)],
+        capture_output=True,
+        text=True,
+        env=dict(os.environ, OMP_NUM_THREADS=str(job['threads'])),
+    )
+    if result.returncode != 0:
+        return dict(error=((result.stderr.strip().splitlines() or ['failed'])[-1])[:120])
+    return json.loads(result.stdout.strip().splitlines()[-1])

@@ -20,14 +20,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import torch
 
-from effvision.utils.benchmark import machine, peak_memory_bytes, timed
+from effvision.utils.benchmark import machine, peak_memory_bytes, run_job, timed
 
 # effvision (class, arch) -> counterparts: ('timm', model name, kwargs) or ('mmseg', class, kwargs)
 SWIN_MMSEG = {
@@ -105,20 +102,6 @@ def measure(job: dict) -> dict:
     return dict(ms=seconds * 1e3, peak_mib=peak / 2**20, params_m=params / 1e6)
 
 
-def run_job(job: dict) -> dict:
-    """Runs :func:`measure` in a fresh interpreter; errors become a short message."""
-    result = subprocess.run(
-        [sys.executable, __file__, '--job', json.dumps(job)],
-        capture_output=True,
-        text=True,
-        env=dict(os.environ, OMP_NUM_THREADS=str(job['threads'])),
-    )
-    if result.returncode != 0:
-        last = (result.stderr.strip().splitlines() or ['failed'])[-1]
-        return dict(error=last[:120])
-    return json.loads(result.stdout.strip().splitlines()[-1])
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument('--size', type=int, default=512)
@@ -162,7 +145,7 @@ def main() -> None:
                     kind=kind, name=name, arch=arch, kwargs=kwargs, size=args.size,
                     repeats=args.repeats, threads=args.threads, device=args.device,
                 )  # fmt: skip
-                res = run_job(job)
+                res = run_job(__file__, job)
                 label = kind if kind.startswith('effvision') else f'{kind} {name}'
                 if 'error' in res:
                     line = f'| {cls.__name__} | {arch} | {label} | | fails: {res["error"]} | | |'

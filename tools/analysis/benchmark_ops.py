@@ -23,14 +23,12 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import subprocess
-import sys
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
-from effvision.utils.benchmark import machine, peak_memory_bytes, timed
+from effvision.utils.benchmark import machine, peak_memory_bytes, run_job, timed
 
 SIZE = 512
 # (name, H, W, C, heads, window, shift): Swin-T stages at 512 (the shifted block of each stage)
@@ -184,18 +182,6 @@ def measure(job: dict) -> dict:
     return dict(ms=timed(run, job['repeats'], warmup=1) * 1e3, peak_mib=peak / 2**20)
 
 
-def run_job(job: dict) -> dict:
-    result = subprocess.run(
-        [sys.executable, __file__, '--job', json.dumps(job)],
-        capture_output=True,
-        text=True,
-        env=dict(os.environ, OMP_NUM_THREADS=str(job['threads'])),
-    )
-    if result.returncode != 0:
-        return dict(error=((result.stderr.strip().splitlines() or ['failed'])[-1])[:120])
-    return json.loads(result.stdout.strip().splitlines()[-1])
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument('--repeats', type=int, default=5)
@@ -232,7 +218,7 @@ def main() -> None:
             for impl in impls:
                 job = dict(case=case, shape=shape, impl=impl, mode=mode, repeats=args.repeats,
                            threads=args.threads, device=args.device)  # fmt: skip
-                res = run_job(job)
+                res = run_job(__file__, job)
                 if 'error' in res:
                     line = (
                         f'| {name} | {tuple(shape)} | {mode} | {impl} | fails: {res["error"]} | | |'

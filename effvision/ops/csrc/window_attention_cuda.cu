@@ -142,6 +142,30 @@ struct Shared {
   }
 };
 
+// Block-wide: keys and values of slots [j0, j0 + tile) of the task's window into shared memory
+// (a: keys, b: values, c: key weight 0 for masked padded keys, region, offset). Returns tile.
+template <typename scalar_t, typename acc_t, int D>
+__device__ __forceinline__ int load_key_tile(Shared<acc_t, D>& sm, const scalar_t* qkv,
+                                             const Params<acc_t>& p,
+                                             const DeviceInputs<acc_t>& in, const TaskId& t,
+                                             int j0) {
+  __syncthreads();  // the previous tile is no longer read
+  const int tile = min(Shared<acc_t, D>::kTile, p.g.N - j0);
+  for (int j = threadIdx.x; j < tile; j += blockDim.x) {
+    const Slot ks = slot_source(p.g, t.win, j0 + j);
+    sm.offset[j] = slot_offset(p, ks, t.b, p.sB, p.sH, p.sW);
+    sm.region[j] = ks.region;
+    sm.c[j] = (ks.row < 0 && p.mask_padded_keys) ? acc_t(0) : acc_t(1);
+  }
+  __syncthreads();
+  for (int j = threadIdx.x; j < tile; j += blockDim.x) {
+    load_row<scalar_t, acc_t, D>(sm.a + j * D, qkv, sm.offset[j], p, in, 1, t.h, acc_t(1));
+    load_row<scalar_t, acc_t, D>(sm.b + j * D, qkv, sm.offset[j], p, in, 2, t.h, acc_t(1));
+  }
+  __syncthreads();
+  return tile;
+}
+
 template <typename scalar_t, typename acc_t, int D>
 __global__ void __launch_bounds__(kThreads) forward_kernel(const scalar_t* __restrict__ qkv,
                                                            scalar_t* __restrict__ out,
@@ -167,20 +191,7 @@ __global__ void __launch_bounds__(kThreads) forward_kernel(const scalar_t* __res
     for (int c = 0; c < D; ++c) o[c] = 0;
     acc_t m = -INFINITY, l = 0;
     for (int j0 = 0; j0 < N; j0 += S::kTile) {
-      __syncthreads();
-      const int tile = min(S::kTile, N - j0);
-      for (int j = threadIdx.x; j < tile; j += blockDim.x) {
-        const Slot ks = slot_source(p.g, t.win, j0 + j);
-        sm.offset[j] = slot_offset(p, ks, t.b, p.sB, p.sH, p.sW);
-        sm.region[j] = ks.region;
-        sm.c[j] = (ks.row < 0 && p.mask_padded_keys) ? acc_t(0) : acc_t(1);
-      }
-      __syncthreads();
-      for (int j = threadIdx.x; j < tile; j += blockDim.x) {
-        load_row<scalar_t, acc_t, D>(sm.a + j * D, qkv, sm.offset[j], p, in, 1, t.h, acc_t(1));
-        load_row<scalar_t, acc_t, D>(sm.b + j * D, qkv, sm.offset[j], p, in, 2, t.h, acc_t(1));
-      }
-      __syncthreads();
+      const int tile = load_key_tile<scalar_t, acc_t, D>(sm, qkv, p, in, t, j0);
       if (!active) continue;
       for (int j = 0; j < tile; ++j) {
         if (sm.c[j] == acc_t(0)) continue;
@@ -250,20 +261,7 @@ __global__ void __launch_bounds__(kThreads) backward_query_kernel(
     }
     if (i < N) delta[p.lse_index(t.task, i)] = delta_i;
     for (int j0 = 0; j0 < N; j0 += S::kTile) {
-      __syncthreads();
-      const int tile = min(S::kTile, N - j0);
-      for (int j = threadIdx.x; j < tile; j += blockDim.x) {
-        const Slot ks = slot_source(p.g, t.win, j0 + j);
-        sm.offset[j] = slot_offset(p, ks, t.b, p.sB, p.sH, p.sW);
-        sm.region[j] = ks.region;
-        sm.c[j] = (ks.row < 0 && p.mask_padded_keys) ? acc_t(0) : acc_t(1);
-      }
-      __syncthreads();
-      for (int j = threadIdx.x; j < tile; j += blockDim.x) {
-        load_row<scalar_t, acc_t, D>(sm.a + j * D, qkv, sm.offset[j], p, in, 1, t.h, acc_t(1));
-        load_row<scalar_t, acc_t, D>(sm.b + j * D, qkv, sm.offset[j], p, in, 2, t.h, acc_t(1));
-      }
-      __syncthreads();
+      const int tile = load_key_tile<scalar_t, acc_t, D>(sm, qkv, p, in, t, j0);
       if (!active) continue;
       for (int j = 0; j < tile; ++j) {
         if (sm.c[j] == acc_t(0)) continue;
