@@ -12,6 +12,12 @@ implementations differ: what each does around the attention core):
 * ``timm``: ``timm.models.swin_transformer.SwinTransformerBlock._attn`` (Swin shapes);
 * ``mmseg``: ``mmseg.models.backbones.swin.ShiftWindowMSA`` (Swin shapes).
 
+Routing attention at BiFormer-S stage 2 and 3 shapes (ADE20K's ``n_win=8``), the op alone on q, k,
+v maps (channel slices of one projection): ``fused``, ``reference``, and ``official``: the
+semantics of rayleizhu/BiFormer ``ops/bra_legacy.py`` (rewritten here: region means, top-k, a
+``torch.gather`` of the top-k regions' keys and values from a ``topk``-times expanded view, matmul
+softmax), on the region-laid-out tensors it receives.
+
 Plus the whole Swin-T backbone forward at 512x512 with fused ops and with the reference. Each
 measurement runs in a fresh process: the median of ``--repeats`` runs after warm-up, and the
 peak memory one run adds (CPU: peak resident set; CUDA: allocator peak). Forward runs under
@@ -41,8 +47,50 @@ CSWIN_T = [
     for i, split in enumerate((1, 2, 7))
 ]
 
+# BiFormer-S stages 2 and 3 at 512 with n_win 8: (name, H, W, C, heads, n_win, topk)
+BIFORMER_S = [
+    ('BiFormer-S stage 2', SIZE // 8, SIZE // 8, 128, 4, 8, 4),
+    ('BiFormer-S stage 3', SIZE // 16, SIZE // 16, 256, 8, 8, 16),
+]
+
 
 # -- implementations ----------------------------------------------------------------------------
+def official_routing(q: torch.Tensor, kv: torch.Tensor, heads: int, topk: int) -> torch.Tensor:
+    """The official legacy op's semantics on region layout: q (n, R, N, c), kv (n, R, N, 2c)."""
+    n, r, tokens, c = q.shape
+    scale = c**-0.5
+    q_region, k_region = q.detach().mean(2), kv[..., :c].detach().mean(2)
+    index = torch.topk((q_region * scale) @ k_region.transpose(-2, -1), topk, dim=-1).indices
+    selected = torch.gather(
+        kv.view(n, 1, r, tokens, 2 * c).expand(-1, r, -1, -1, -1),
+        dim=2,
+        index=index.view(n, r, topk, 1, 1).expand(-1, -1, -1, tokens, 2 * c),
+    )  # (n, R, topk, N, 2c): topk copies of the keys and values
+    k_sel, v_sel = selected.split([c, c], dim=-1)
+    d = c // heads
+    k_sel = k_sel.reshape(n * r, topk * tokens, heads, d).permute(0, 2, 3, 1)
+    v_sel = v_sel.reshape(n * r, topk * tokens, heads, d).permute(0, 2, 1, 3)
+    q = q.reshape(n * r, tokens, heads, d).permute(0, 2, 1, 3)
+    return torch.softmax((q * scale) @ k_sel, dim=-1) @ v_sel
+
+
+class Routing(torch.nn.Module):
+    """Routing attention alone; ``official`` takes region-laid-out inputs (its own layout)."""
+
+    def __init__(self, impl: str, heads: int, n_win: int, topk: int) -> None:
+        super().__init__()
+        self.impl, self.heads, self.n_win, self.topk = impl, heads, n_win, topk
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        from effvision.ops.routing_attention import routing_attention
+
+        c = x.shape[-1] // 3
+        if self.impl == 'official':
+            return official_routing(x[..., :c], x[..., c:], self.heads, self.topk)
+        q, k, v = x.split(c, dim=-1)
+        return routing_attention(q, k, v, self.n_win, self.topk, self.heads)[0]
+
+
 class SdpaMaskWindowAttention(torch.nn.Module):
     """Shifted-window attention written with stock PyTorch ops and one additive SDPA mask."""
 
@@ -86,6 +134,17 @@ class SdpaMaskWindowAttention(torch.nn.Module):
 def build(job: dict) -> tuple[torch.nn.Module, torch.Tensor]:
     """The module and its input for one job."""
     impl, shape = job['impl'], job['shape']
+    if job['case'] == 'routing':
+        h, w, c, heads, n_win, topk = shape
+        x = torch.randn(1, h, w, 3 * c)
+        if impl == 'official':  # regions: (1, R, N, 3C)
+            rh, rw = h // n_win, w // n_win
+            x = (
+                x.view(1, n_win, rh, n_win, rw, 3 * c)
+                .transpose(2, 3)
+                .reshape(1, -1, rh * rw, 3 * c)
+            )
+        return Routing(impl, heads, n_win, topk), x
     if job['case'] == 'backbone':
         from effvision.models.backbones.swin import Swin
 
@@ -207,6 +266,8 @@ def main() -> None:
     cases = [('swin', name, shape, ['fused', 'reference', 'sdpa+mask', 'timm', 'mmseg'])
              for name, *shape in SWIN_T]  # fmt: skip
     cases += [('cswin', name, shape, ['fused', 'reference']) for name, *shape in CSWIN_T]
+    cases += [('routing', name, shape, ['fused', 'reference', 'official'])
+              for name, *shape in BIFORMER_S]  # fmt: skip
     cases += [('backbone', 'Swin-T backbone', [SIZE, SIZE, 3, 0], ['fused', 'reference'])]
     for case, name, shape, impls in cases:
         if args.only and not any(key in name for key in args.only):

@@ -7,17 +7,18 @@ Reference: the official dense backbone of rayleizhu/BiFormer @ 1697bbb,
 routing op ``ops/bra_legacy.py`` and ``models/_common.py:AttentionLePE``. Our outputs match it to
 float64 round-off, routing indices included. Written anew; what differs and why:
 
-* The routing attention core is one function, :func:`routing_attention`, on region-laid-out
-  tensors (the seam for a fused kernel). It selects the routed key/value regions with one
-  ``index_select`` of whole regions over the flattened (batch, region) axis instead of the
-  official ``torch.gather`` over a ``topk``-times expanded 5-D view, and runs the token attention
-  through ``F.scaled_dot_product_attention`` (4-D, no mask).
-* Region partition, the inverse used by the LePE convolution and the crop back to the unpadded
-  map are ``index_select`` gathers with indices from ``arange`` arithmetic
-  (``effvision/models/layers/window.py``), so H and W stay symbolic under ``torch.export``.
+* The routing and the token attention are one op, :func:`effvision.ops.routing_attention`, on
+  the q, k, v maps as the single qkv projection of the padded map leaves them (channel slices, no
+  region partition copy). Its compiled kernels read the routed keys and values in place by index
+  instead of the official ``torch.gather`` over a ``topk``-times expanded 5-D view (memory does
+  not grow with topk); its reference (export, ``EFFVISION_OPS=reference``) gathers whole regions
+  with ``index_select`` and runs ``F.scaled_dot_product_attention``.
+* The crop back to the unpadded map is an ``index_select`` with indices from ``arange``
+  arithmetic (``effvision/models/layers/window.py``), so H and W stay symbolic under
+  ``torch.export``.
 * Blocks run channels-last (B, H, W, C) from the stem to the output norms; the official code
   permutes NCHW <-> NHWC twice per block.
-* The LePE output is added after the crop rather than before it (the output projection is
+* The map is cropped before the output projection rather than after it (the projection is
   per-token, so the numbers are the same and the padded tokens are not projected).
 * State-dict names are ours (``stem``, ``stages.i.downsample``, ``stages.i.blocks.j``,
   ``attn.proj``, ``mlp.fc1``/``fc2``, ``norm{i}``); :func:`convert_checkpoint_state` converts the
@@ -60,6 +61,7 @@ from torch import nn
 from effvision.models.backbones.base import DenseBackbone
 from effvision.models.layers.mlp import Mlp
 from effvision.models.layers.window import floor_mod, pad_to_multiple, to_nchw, window_layout
+from effvision.ops.routing_attention import routing_attention as fused_routing_attention
 from effvision.registry import MODELS
 from effvision.utils.checkpoint import CheckpointError
 
@@ -111,7 +113,8 @@ def routing_attention(
     """Bi-level routing attention on region-laid-out tensors (the legacy BiFormer op's core).
 
     Every query region attends to all tokens of the ``topk`` regions whose mean key best matches
-    its mean query. This is the function a fused kernel replaces; it defines the meaning.
+    its mean query. A (B, R, N, C) tensor is a map of R rows of one region each, so this is
+    :func:`effvision.ops.routing_attention` with an (R, 1) region grid (fused when available).
 
     Args:
         q: (B, R, N, C_qk) queries, R regions of N tokens each.
@@ -126,23 +129,7 @@ def routing_attention(
         (B, R, N, C_v) attention output, and the (B, R, topk) routed region indices of every
         query region, by descending routing logit (regions numbered row-major).
     """
-    b, r, n, c_qk = q.shape
-    c_v = v.shape[-1]
-    # region level: mean query x mean key, not differentiated (official diff_routing=False)
-    q_region, k_region = q.detach().mean(2), k.detach().mean(2)  # (B, R, C_qk)
-    logits = (q_region * scale) @ k_region.transpose(-2, -1)  # (B, R, R)
-    index = torch.topk(logits, topk, dim=-1).indices  # (B, R, topk)
-    # token level: copy whole routed regions with one row gather over (batch, region); the
-    # official op gathers element-wise from a topk-times expanded view, which is slower forward
-    # and much slower backward (scatter-add over the expanded index)
-    rows = (index + torch.arange(b, device=index.device).view(b, 1, 1) * r).flatten()
-    k_sel = k.flatten(0, 1).index_select(0, rows)  # (B*R*topk, N, C_qk), contiguous
-    v_sel = v.flatten(0, 1).index_select(0, rows)  # (B*R*topk, N, C_v)
-    q = q.reshape(b * r, n, num_heads, c_qk // num_heads).transpose(1, 2)
-    k_sel = k_sel.view(b * r, topk * n, num_heads, c_qk // num_heads).transpose(1, 2)
-    v_sel = v_sel.view(b * r, topk * n, num_heads, c_v // num_heads).transpose(1, 2)
-    out = F.scaled_dot_product_attention(q, k_sel, v_sel, scale=scale)  # (B*R, heads, N, d_v)
-    return out.transpose(1, 2).reshape(b, r, n, c_v), index
+    return fused_routing_attention(q, k, v, (q.shape[1], 1), topk, num_heads, scale)
 
 
 class RegionLayout(NamedTuple):
@@ -234,25 +221,19 @@ class BiLevelRoutingAttention(nn.Module):
             (B, H, W, C); with ``return_index`` also the (B, n_win**2, topk) routed regions.
         """
         b, c = x.shape[0], x.shape[-1]
-        (h, w), (hp, wp) = layout.size, layout.padded
-        # zero-pad the normalised map, then regions: (B, R, N, C)
-        x = pad_to_multiple(x, self.n_win, dims=(1, 2)).view(-1, c)
-        x = x.index_select(0, layout.gather).view(b, layout.num_regions, -1, c)
-        # q, k and v from slices of the one qkv projection: contiguous outputs make the routed
-        # region gathers plain row copies (a strided source takes a much slower path)
-        q, k, v = (
-            F.linear(x, weight, bias)
-            for weight, bias in zip(
-                self.qkv.weight.split(self.splits), self.qkv.bias.split(self.splits)
-            )
-        )  # (B, R, N, C_qk), (B, R, N, C_qk), (B, R, N, C)
-        out, index = routing_attention(q, k, v, self.topk, self.num_heads, self.scale)
+        h, w = layout.size
+        # zero-pad the normalised map (the padded tokens' q, k, v are the qkv bias), project once;
+        # q, k and v are channel slices of the (B, Hp, Wp, 2 C_qk + C) map, read in place
+        x = pad_to_multiple(x, self.n_win, dims=(1, 2))
+        q, k, v = self.qkv(x).split(self.splits, dim=-1)
+        out, index = fused_routing_attention(
+            q, k, v, self.n_win, self.topk, self.num_heads, self.scale
+        )  # (B, Hp, Wp, C), (B, R, topk)
         # LePE: depthwise conv of v over the whole padded canvas (padded v = qkv bias), channels
         # last in and out
-        v_map = v.reshape(-1, c).index_select(0, layout.inverse).view(b, hp, wp, c)
-        lepe = self.lepe(v_map.permute(0, 3, 1, 2)).permute(0, 2, 3, 1).reshape(-1, c)
-        out = out.reshape(-1, c).index_select(0, layout.scatter)
-        out = self.proj(out + lepe.index_select(0, layout.crop)).view(b, h, w, c)
+        lepe = self.lepe(v.permute(0, 3, 1, 2)).permute(0, 2, 3, 1)
+        out = (out + lepe).reshape(-1, c).index_select(0, layout.crop)
+        out = self.proj(out).view(b, h, w, c)
         return (out, index) if return_index else out
 
 

@@ -16,6 +16,7 @@
 #include <limits>
 #include <vector>
 
+#include "cpu_math.h"
 #include "window_attention.h"
 
 namespace effvision {
@@ -41,25 +42,6 @@ namespace {
 // the task loops (a plain `inline` helper stays one baseline-ISA function).
 #define EV_INLINE inline __attribute__((always_inline))
 
-// exp for the softmax: Cephes' single-precision polynomial (about 1 ulp on the clamped range),
-// written so that the compiler vectorises the loops that call it (libm's expf is scalar).
-EV_INLINE float fast_exp(float x) {
-  // ternaries and builtins, not std::min/std::floor/std::bit_cast: those keep GCC from
-  // vectorising the calling loop
-  x = x < -87.3f ? -87.3f : x;
-  x = x > 88.3f ? 88.3f : x;
-  const float n = __builtin_floorf(x * 1.44269504088896341f + 0.5f);
-  const float r = x - n * 0.693359375f + n * 2.12194440e-4f;
-  float p = 1.9875691500e-4f;
-  p = p * r + 1.3981999507e-3f;
-  p = p * r + 8.3334519073e-3f;
-  p = p * r + 4.1665795894e-2f;
-  p = p * r + 1.6666665459e-1f;
-  p = p * r + 5.0000001201e-1f;
-  p = p * r * r + r + 1.0f;
-  return p * __builtin_bit_cast(float, (static_cast<int32_t>(n) + 127) << 23);
-}
-EV_INLINE double fast_exp(double x) { return std::exp(x); }
 
 // out[0, width) = sum_r coef[r] * rows[r * stride + (0, width)]: K accumulators stay in vector
 // registers across all rows instead of streaming `out` through memory once per row.
@@ -89,6 +71,38 @@ EV_INLINE void combine_rows(acc_t* __restrict out, const acc_t* __restrict coef,
   }
 }
 constexpr int kLanes = 32;  // accumulators per combine_rows pass (4 AVX2 registers of floats)
+
+// R outputs at once: out[r][0, width) = sum_k coef[r][k] * rows[k * stride + (0, width)]. Each
+// loaded row segment feeds R multiply-adds (R x K accumulators in registers), which is what makes
+// the small per-window matrix products compute-bound rather than load-bound.
+template <int R, int K, typename acc_t>
+EV_INLINE void combine_rows_multi(acc_t* const* out, const acc_t* const* coef,
+                                  const acc_t* __restrict rows, int nrows, int stride, int width) {
+  for (int c = 0; c < width; c += K) {
+    const int lanes = width - c < K ? width - c : K;
+    acc_t acc[R][K] = {};
+    if (lanes == K) {
+      for (int k = 0; k < nrows; ++k) {
+        const acc_t* row = rows + size_t(k) * stride + c;
+        for (int r = 0; r < R; ++r) {
+          const acc_t a = coef[r][k];
+#pragma omp simd
+          for (int t = 0; t < K; ++t) acc[r][t] += a * row[t];
+        }
+      }
+    } else {
+      for (int k = 0; k < nrows; ++k) {
+        const acc_t* row = rows + size_t(k) * stride + c;
+        for (int r = 0; r < R; ++r)
+          for (int t = 0; t < lanes; ++t) acc[r][t] += coef[r][k] * row[t];
+      }
+    }
+    for (int r = 0; r < R; ++r)
+      for (int t = 0; t < lanes; ++t) out[r][c + t] = acc[r][t];
+  }
+}
+constexpr int kRows = 4;    // query rows per combine_rows_multi call
+constexpr int kRowLanes = 16;
 
 template <typename acc_t>
 struct Inputs {
@@ -159,10 +173,15 @@ struct Window {
     }
   }
 
-  // logits[j] = q_i . k_j + bias + shift mask, masked keys at -inf.
+  // logits[j] = q_i . k_j + bias + shift mask (see add_bias_and_masks).
   EV_INLINE void compute_logits(int i, int h, const Params<acc_t>& p, const Inputs<acc_t>& in) {
-    acc_t* s = logits.data();
-    combine_rows<kLanes>(s, &q[size_t(i) * d], kt.data(), d, Np, Np);
+    combine_rows<kLanes>(logits.data(), &q[size_t(i) * d], kt.data(), d, Np, Np);
+    add_bias_and_masks(logits.data(), i, h, p, in);
+  }
+
+  // s[j] (q_i . k_j) += bias + shift mask; masked keys get a large negative logit.
+  EV_INLINE void add_bias_and_masks(acc_t* s, int i, int h, const Params<acc_t>& p,
+                                    const Inputs<acc_t>& in) {
     if (in.dense) {
       const acc_t* bias = in.dense + (int64_t(h) * N + i) * N;
 #pragma omp simd
@@ -179,14 +198,16 @@ struct Window {
       for (int j = 0; j < N; ++j) s[j] += r[j] != ri ? fill : acc_t(0);
     }
     if (p.mask_padded_keys) {
+      // exponentiate zeroes masked keys through key_weight; their logit only has to stay below
+      // the real maximum and finite (fast_exp of -inf is NaN, and NaN * 0 is NaN)
       for (int j = 0; j < N; ++j)
-        if (key_weight[j] == 0) s[j] = -std::numeric_limits<acc_t>::infinity();
+        if (key_weight[j] == 0) s[j] = acc_t(-1e8);
     }
   }
 
   // logits -> probabilities exp(s - shift) (masked keys exactly 0); returns their sum.
-  EV_INLINE acc_t exponentiate(acc_t shift) {
-    acc_t* s = logits.data();
+  EV_INLINE acc_t exponentiate(acc_t shift) { return exponentiate(logits.data(), shift); }
+  EV_INLINE acc_t exponentiate(acc_t* s, acc_t shift) {
     const acc_t* kw = key_weight.data();
     acc_t sum = 0;
 #pragma omp simd reduction(+ : sum)
@@ -209,28 +230,51 @@ template <typename scalar_t, typename acc_t>
 __attribute__((target_clones("arch=x86-64-v3", "default"))) void forward_tasks(
     const scalar_t* qkv, scalar_t* out, acc_t* lse, const Params<acc_t>& p,
     const Inputs<acc_t>& in, int64_t begin, int64_t end) {
+  static_assert(kRows == 4, "prow below lists kRows rows");
   Window<acc_t> w(p.g.N, p.d);
-  std::vector<acc_t> o(p.d);
+  std::vector<acc_t> logits(size_t(kRows) * w.Np, acc_t(0)), o(size_t(kRows) * p.d);
+  int rows[kRows];
+  acc_t sums[kRows];
+  acc_t* srow[kRows];
+  acc_t* orow[kRows];
+  const acc_t* qrow[kRows];
   for (int64_t task = begin; task < end; ++task) {
     int b, win, h;
     split_task(p, task, b, win, h);
     w.load(qkv, p, in, b, win, h, false);
-    for (int i = 0; i < w.N; ++i) {
-      if (w.offset[i] < 0) {  // a padded query: cropped away
-        lse[p.lse_index(task, i)] = 0;
-        continue;
+    // queries in groups of kRows real ones (padded queries are cropped away)
+    for (int i0 = 0; i0 < w.N;) {
+      int count = 0;
+      for (; i0 < w.N && count < kRows; ++i0) {
+        if (w.offset[i0] < 0) {
+          lse[p.lse_index(task, i0)] = 0;
+        } else {
+          rows[count++] = i0;
+        }
       }
-      w.compute_logits(i, h, p, in);
-      acc_t m = -std::numeric_limits<acc_t>::infinity();
-      for (int j = 0; j < w.N; ++j) m = std::max(m, w.logits[j]);
-      const acc_t sum = w.exponentiate(m);
-      combine_rows<kLanes>(o.data(), w.logits.data(), w.v.data(), w.N, p.d, p.d);
-      const acc_t inv = acc_t(1) / sum;
-      const Slot slot = slot_source(p.g, win, i);  // the output map is contiguous (B, H, W, C)
-      const int64_t token = (int64_t(b) * p.g.H + slot.row) * p.g.W + slot.col;
-      scalar_t* dst = out + token * p.C + int64_t(h) * p.d;
-      for (int c = 0; c < p.d; ++c) dst[c] = static_cast<scalar_t>(o[c] * inv);
-      lse[p.lse_index(task, i)] = m + std::log(sum);
+      if (count == 0) continue;
+      for (int r = 0; r < kRows; ++r) {  // unused slots of a short group repeat its first row
+        qrow[r] = &w.q[size_t(rows[r < count ? r : 0]) * p.d];
+        srow[r] = &logits[size_t(r) * w.Np];
+        orow[r] = &o[size_t(r) * p.d];
+      }
+      combine_rows_multi<kRows, kRowLanes>(srow, qrow, w.kt.data(), p.d, w.Np, w.Np);
+      for (int r = 0; r < count; ++r) {
+        w.add_bias_and_masks(srow[r], rows[r], h, p, in);
+        acc_t m = -std::numeric_limits<acc_t>::infinity();
+        for (int j = 0; j < w.N; ++j) m = std::max(m, srow[r][j]);
+        sums[r] = w.exponentiate(srow[r], m);
+        lse[p.lse_index(task, rows[r])] = m + std::log(sums[r]);
+      }
+      const acc_t* prow[kRows] = {srow[0], srow[1], srow[2], srow[3]};
+      combine_rows_multi<kRows, kRowLanes>(orow, prow, w.v.data(), w.N, p.d, p.d);
+      for (int r = 0; r < count; ++r) {
+        const Slot slot = slot_source(p.g, win, rows[r]);  // the output is contiguous (B, H, W, C)
+        const int64_t token = (int64_t(b) * p.g.H + slot.row) * p.g.W + slot.col;
+        scalar_t* dst = out + token * p.C + int64_t(h) * p.d;
+        const acc_t inv = acc_t(1) / sums[r];
+        for (int c = 0; c < p.d; ++c) dst[c] = static_cast<scalar_t>(orow[r][c] * inv);
+      }
     }
   }
 }

@@ -22,6 +22,7 @@ from effvision.models.backbones.biformer import (
     region_layout,
     routing_attention,
 )
+from effvision.ops import _ext
 from effvision.utils import CheckpointError
 from tests.conftest import REPO_ROOT, golden_dir, load_golden
 from tests.models.backbones.contract import check_backbone_contract
@@ -97,7 +98,19 @@ def golden(request):
     return load_golden('biformer', request.param)
 
 
-def test_matches_official_dense_biformer(golden):
+@pytest.fixture(params=['fused', 'reference'])
+def ops_path(request, monkeypatch):
+    """The routed attention through the compiled kernel, or through the PyTorch reference."""
+    if request.param == 'reference':
+        monkeypatch.setenv('EFFVISION_OPS', 'reference')
+    else:
+        monkeypatch.delenv('EFFVISION_OPS', raising=False)
+        if _ext.load('routing_attention') is None:
+            pytest.skip('effvision.ops._routing_attention is not built (make install)')
+    return request.param
+
+
+def test_matches_official_dense_biformer(golden, ops_path):
     """Outputs to float64 round-off, and every routed layer picks the official regions in the
     official (descending-logit) order where the fixture stores them."""
     model = biformer_from_official_kwargs(golden['kwargs']).double().eval()
@@ -124,7 +137,7 @@ def test_matches_official_dense_biformer(golden):
         assert torch.equal(indices[0], golden['routing_indices'])
 
 
-def test_matches_official_in_float32(golden):
+def test_matches_official_in_float32(golden, ops_path):
     model = biformer_from_official_kwargs(golden['kwargs']).eval()
     model.load_state_dict(convert_checkpoint_state(golden['state_dict']), strict=True)
     with torch.no_grad():
