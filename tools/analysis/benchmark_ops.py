@@ -154,7 +154,6 @@ def build(job: dict) -> tuple[torch.nn.Module, torch.Tensor]:
 
         h, w, c, heads, split = shape
         attn = CrossShapedAttention(c, heads, global_attn=False, qkv_bias=True, attn_drop=0.0)
-        layouts = tuple(stripe_layout(h, w, split, i == 0, 0, 1, torch.float32) for i in range(2))
 
         class Stripes(torch.nn.Module):
             def __init__(self) -> None:
@@ -162,6 +161,9 @@ def build(job: dict) -> tuple[torch.nn.Module, torch.Tensor]:
                 self.attn = attn
 
             def forward(self, x):
+                layouts = tuple(
+                    stripe_layout(h, w, split, i == 0, 0, 1, x.dtype, x.device) for i in range(2)
+                )
                 return self.attn(x, layouts)
 
         return Stripes(), torch.randn(1, h, w, c)
