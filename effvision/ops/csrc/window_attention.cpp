@@ -287,7 +287,23 @@ __attribute__((target_clones("arch=x86-64-v3", "default"))) void backward_tasks(
   const int d = p.d;
   Window<acc_t> w(p.g.N, d);
   const int N = w.N, Np = w.Np;
-  std::vector<acc_t> dk(size_t(N) * d), dv(size_t(N) * d), dq(d), go(d), ds(Np);
+  // kRows query rows at a time: every pass over K, V, dK and dV serves all of them
+  std::vector<acc_t> dk(size_t(N) * d), dv(size_t(N) * d);
+  std::vector<acc_t> prob(size_t(kRows) * Np), ds(size_t(kRows) * Np);
+  std::vector<acc_t> go(size_t(kRows) * d), dq(size_t(kRows) * d);
+  int rows[kRows];
+  int64_t tokens[kRows];
+  acc_t* prow[kRows];
+  acc_t* dsrow[kRows];
+  acc_t* gorow[kRows];
+  acc_t* dqrow[kRows];
+  const acc_t* qrow[kRows];
+  for (int r = 0; r < kRows; ++r) {
+    prow[r] = &prob[size_t(r) * Np];
+    dsrow[r] = &ds[size_t(r) * Np];
+    gorow[r] = &go[size_t(r) * d];
+    dqrow[r] = &dq[size_t(r) * d];
+  }
   for (int64_t task = begin; task < end; ++task) {
     int b, win, h;
     split_task(p, task, b, win, h);
@@ -295,42 +311,69 @@ __attribute__((target_clones("arch=x86-64-v3", "default"))) void backward_tasks(
     std::fill(dk.begin(), dk.end(), acc_t(0));
     std::fill(dv.begin(), dv.end(), acc_t(0));
     const int64_t ch = int64_t(h) * d;
-    for (int i = 0; i < N; ++i) {
-      if (w.offset[i] < 0) continue;  // padded queries have no output, hence no gradient
-      const Slot slot = slot_source(p.g, win, i);
-      const int64_t token = (int64_t(b) * p.g.H + slot.row) * p.g.W + slot.col;
-      const scalar_t* goi = grad_out + token * p.C + ch;
-      const scalar_t* oi = out + token * p.C + ch;
-      acc_t delta = 0;  // sum_j P_ij dP_ij = dO_i . O_i
-      for (int c = 0; c < d; ++c) {
-        go[c] = static_cast<acc_t>(goi[c]);
-        delta += go[c] * static_cast<acc_t>(oi[c]);
+    for (int i0 = 0; i0 < N;) {
+      int count = 0;
+      for (; i0 < N && count < kRows; ++i0) {
+        if (w.offset[i0] >= 0) rows[count++] = i0;  // padded queries have no gradient
       }
-      w.compute_logits(i, h, p, in);
-      w.exponentiate(lse[p.lse_index(task, i)]);  // logits now hold P_i.
-      const acc_t* prob = w.logits.data();
-      // dP_ij = dO_i . v_j
-      combine_rows<kLanes>(ds.data(), go.data(), w.vt.data(), d, Np, Np);  // dP_i
-#pragma omp simd
-      for (int j = 0; j < N; ++j) ds[j] = prob[j] * (ds[j] - delta);
-      combine_rows<kLanes>(dq.data(), ds.data(), w.k.data(), N, d, d);
-      const acc_t* qi = &w.q[size_t(i) * d];
-      for (int j = 0; j < N; ++j) {
-        const acc_t dsj = ds[j], pj = prob[j];
-        acc_t* dkj = &dk[size_t(j) * d];
-        acc_t* dvj = &dv[size_t(j) * d];
-#pragma omp simd
+      if (count == 0) continue;
+      acc_t delta[kRows];  // sum_j P_ij dP_ij = dO_i . O_i
+      for (int r = 0; r < kRows; ++r) {
+        qrow[r] = &w.q[size_t(rows[r < count ? r : 0]) * d];
+        delta[r] = 0;
+        if (r >= count) {  // the rows a short group lacks contribute zeros
+          std::fill(gorow[r], gorow[r] + d, acc_t(0));
+          continue;
+        }
+        const Slot slot = slot_source(p.g, win, rows[r]);
+        tokens[r] = (int64_t(b) * p.g.H + slot.row) * p.g.W + slot.col;
+        const scalar_t* goi = grad_out + tokens[r] * p.C + ch;
+        const scalar_t* oi = out + tokens[r] * p.C + ch;
         for (int c = 0; c < d; ++c) {
-          dkj[c] += dsj * qi[c];
-          dvj[c] += pj * go[c];
+          gorow[r][c] = static_cast<acc_t>(goi[c]);
+          delta[r] += gorow[r][c] * static_cast<acc_t>(oi[c]);
         }
       }
-      scalar_t* gq = grad_qkv + token * 3 * p.C + ch;
-      for (int c = 0; c < d; ++c) gq[c] = static_cast<scalar_t>(dq[c] * p.scale);
-      if (grad_table) {
-        acc_t* table = grad_table + int64_t(h) * p.T;
-        const int64_t* index = in.index + int64_t(i) * N;
-        for (int j = 0; j < N; ++j) table[index[j]] += ds[j];
+      combine_rows_multi<kRows, kRowLanes>(prow, qrow, w.kt.data(), d, Np, Np);  // logits
+      const acc_t* gorow_c[kRows] = {gorow[0], gorow[1], gorow[2], gorow[3]};
+      combine_rows_multi<kRows, kRowLanes>(dsrow, gorow_c, w.vt.data(), d, Np, Np);  // dP
+      for (int r = 0; r < kRows; ++r) {
+        if (r >= count) {
+          std::fill(prow[r], prow[r] + Np, acc_t(0));
+          std::fill(dsrow[r], dsrow[r] + Np, acc_t(0));
+          continue;
+        }
+        w.add_bias_and_masks(prow[r], rows[r], h, p, in);
+        w.exponentiate(prow[r], lse[p.lse_index(task, rows[r])]);  // P_i
+        acc_t* dsr = dsrow[r];
+        const acc_t* pr = prow[r];
+        const acc_t dr = delta[r];
+#pragma omp simd
+        for (int j = 0; j < N; ++j) dsr[j] = pr[j] * (dsr[j] - dr);
+      }
+      const acc_t* dsrow_c[kRows] = {dsrow[0], dsrow[1], dsrow[2], dsrow[3]};
+      combine_rows_multi<kRows, kRowLanes>(dqrow, dsrow_c, w.k.data(), N, d, d);
+      for (int j = 0; j < N; ++j) {
+        acc_t* dkj = &dk[size_t(j) * d];
+        acc_t* dvj = &dv[size_t(j) * d];
+        const acc_t s0 = dsrow[0][j], s1 = dsrow[1][j], s2 = dsrow[2][j], s3 = dsrow[3][j];
+        const acc_t p0 = prow[0][j], p1 = prow[1][j], p2 = prow[2][j], p3 = prow[3][j];
+        const acc_t *q0 = qrow[0], *q1 = qrow[1], *q2 = qrow[2], *q3 = qrow[3];
+        const acc_t *g0 = gorow[0], *g1 = gorow[1], *g2 = gorow[2], *g3 = gorow[3];
+#pragma omp simd
+        for (int c = 0; c < d; ++c) {
+          dkj[c] += s0 * q0[c] + s1 * q1[c] + s2 * q2[c] + s3 * q3[c];
+          dvj[c] += p0 * g0[c] + p1 * g1[c] + p2 * g2[c] + p3 * g3[c];
+        }
+      }
+      for (int r = 0; r < count; ++r) {
+        scalar_t* gq = grad_qkv + tokens[r] * 3 * p.C + ch;
+        for (int c = 0; c < d; ++c) gq[c] = static_cast<scalar_t>(dqrow[r][c] * p.scale);
+        if (grad_table) {
+          acc_t* table = grad_table + int64_t(h) * p.T;
+          const int64_t* index = in.index + int64_t(rows[r]) * N;
+          for (int j = 0; j < N; ++j) table[index[j]] += dsrow[r][j];
+        }
       }
     }
     for (int j = 0; j < N; ++j) {
