@@ -166,6 +166,46 @@ def test_randomized_shapes_match_reference():
             torch.testing.assert_close(a, b, atol=1e-11, rtol=0, msg=lambda m, c=case: f'{c}: {m}')
 
 
+def textbook_window_attention(qkv, heads, window, shift, pad_value):
+    """Pad (with pad_value), roll, 6-D partition, masked softmax attention, reverse, roll, crop."""
+    (wh, ww), (sh, sw) = window, shift
+    b, h, w, c3 = qkv.shape
+    d = c3 // 3 // heads
+    hp, wp = -(-h // wh) * wh, -(-w // ww) * ww
+    x = pad_value.expand(b, hp, wp, c3).clone()
+    x[:, :h, :w] = qkv
+    x = torch.roll(x, (-sh, -sw), (1, 2))
+    x = x.view(b, hp // wh, wh, wp // ww, ww, 3, heads, d).permute(5, 0, 1, 3, 6, 2, 4, 7)
+    q, k, v = x.reshape(3, b, -1, heads, wh * ww, d)
+    rows = torch.arange(hp).view(hp, 1).expand(hp, wp)
+    cols = torch.arange(wp).view(1, wp).expand(hp, wp)
+
+    def region(t, size, win, s):
+        return (t >= size - win).long() + (t >= size - s).long() if s else torch.zeros_like(t)
+
+    label = region(rows, hp, wh, sh) * 3 + region(cols, wp, ww, sw)
+    label = label.view(hp // wh, wh, wp // ww, ww).permute(0, 2, 1, 3).reshape(-1, wh * ww)
+    mask = (label[:, :, None] != label[:, None, :]).double() * -100.0  # (nW, N, N)
+    attn = (q * d**-0.5) @ k.transpose(-1, -2) + mask[None, :, None]
+    y = attn.softmax(-1) @ v  # (B, nW, heads, N, d)
+    y = y.view(b, hp // wh, wp // ww, heads, wh, ww, d).permute(0, 1, 4, 2, 5, 3, 6)
+    y = torch.roll(y.reshape(b, hp, wp, heads * d), (sh, sw), (1, 2))
+    return y[:, :h, :w]
+
+
+@pytest.mark.parametrize('size', [(7, 12), (9, 13), (1, 5), (14, 21)])
+@pytest.mark.parametrize(
+    ('window', 'shift'), [((7, 7), (3, 3)), ((4, 3), (2, 1)), ((2, 13), (0, 0))]
+)
+def test_reference_equals_roll_and_permute(size, window, shift):
+    """The op's index arithmetic equals the textbook pad/roll/partition/reverse/crop."""
+    g = torch.Generator().manual_seed(0)
+    qkv = torch.randn(2, *size, 3 * 2 * 3, generator=g, dtype=torch.float64)
+    pad = torch.randn(18, generator=g, dtype=torch.float64)
+    ours = window_attention_reference(qkv, 2, window, shift, pad_value=pad)
+    torch.testing.assert_close(ours, textbook_window_attention(qkv, 2, window, shift, pad))
+
+
 def test_strided_qkv_slice_is_read_in_place():
     """CSWin hands each branch a channel slice of one projection: no copy needed."""
     require_fused()

@@ -60,7 +60,7 @@ from torch import nn
 
 from effvision.models.backbones.base import DenseBackbone
 from effvision.models.layers.mlp import Mlp
-from effvision.models.layers.window import floor_mod, pad_to_multiple, to_nchw, window_layout
+from effvision.models.layers.window import floor_mod, pad_to_multiple, to_nchw
 from effvision.ops.routing_attention import routing_attention as fused_routing_attention
 from effvision.registry import MODELS
 from effvision.utils.checkpoint import CheckpointError
@@ -133,61 +133,33 @@ def routing_attention(
 
 
 class RegionLayout(NamedTuple):
-    """Where the tokens of B (H, W) maps go in the n_win x n_win regions of their padded canvas.
-
-    Every index addresses rows of a batch-flattened tensor, (B * tokens, C), so that each move is
-    one row gather along dim 0 (contiguous rows, the fastest ``index_select``).
+    """How B (H, W) maps sit on the canvas padded to a multiple of ``n_win`` (regions are cut
+    from the padded map by :func:`effvision.ops.routing_attention.routing_attention` itself).
 
     Attributes:
-        gather: (B * Hp * Wp,) padded-canvas row of every region slot; slots are
-            ``(b * R + region) * N + position`` with regions and positions row-major,
-            Hp = n_win * ceil(H / n_win).
-        inverse: (B * Hp * Wp,) region slot of every padded-canvas row (row-major).
-        scatter: (B * H * W,) region slot of every real token.
-        crop: (B * H * W,) padded-canvas row of every real token.
-        num_regions: R = n_win * n_win.
+        crop: (B * H * W,) row of every real token in the batch-flattened (B * Hp * Wp, C)
+            padded canvas, Hp = n_win * ceil(H / n_win).
         size: (H, W) of the real map.
         padded: (Hp, Wp).
     """
 
-    gather: torch.Tensor
-    inverse: torch.Tensor
-    scatter: torch.Tensor
     crop: torch.Tensor
-    num_regions: int
     size: tuple[int, int]
     padded: tuple[int, int]
-
-
-def _batched(index: torch.Tensor, batch: int, length: int) -> torch.Tensor:
-    """(n,) indices into an axis of ``length`` -> (batch * n,) into ``batch * length`` rows."""
-    n = index.shape[0]
-    flat = torch.arange(batch * n, device=index.device)  # one flat arange: no size-1 guards
-    item = flat // n
-    return index.index_select(0, flat - item * n) + item * length
 
 
 def region_layout(
     b: int, h: int, w: int, n_win: int, device: torch.device | None = None
 ) -> RegionLayout:
-    """The region layout of B (h, w) maps (sizes may be symbolic), padded as the legacy op does."""
+    """The padded canvas of B (h, w) maps (sizes may be symbolic), as the legacy op pads."""
     # pad to a multiple of n_win (not of the region size: for h=13, n_win=8 the canvas is 16 rows
     # of 8 regions of 2, where padding to the region size would give 7 regions)
     hp, wp = (h + n_win - 1) // n_win * n_win, (w + n_win - 1) // n_win * n_win
-    layout = window_layout(hp, wp, (hp // n_win, wp // n_win), device=device)
-    token = torch.arange(h * w, device=device)
-    crop = (token // w) * wp + floor_mod(token, w)
-    scatter = layout.scatter.index_select(0, crop)
-    canvas = hp * wp
-    return RegionLayout(
-        gather=_batched(layout.gather, b, canvas),
-        inverse=_batched(layout.scatter, b, canvas),
-        scatter=_batched(scatter, b, canvas),
-        crop=_batched(crop, b, canvas),
-        num_regions=n_win * n_win,
-        size=(h, w),
-        padded=(hp, wp),
-    )
+    # one flat arange over the batch: broadcasting would make torch.export guard on sizes of 1
+    flat = torch.arange(b * h * w, device=device)
+    item, token = flat // (h * w), floor_mod(flat, h * w)
+    crop = item * (hp * wp) + (token // w) * wp + floor_mod(token, w)
+    return RegionLayout(crop=crop, size=(h, w), padded=(hp, wp))
 
 
 class BiLevelRoutingAttention(nn.Module):

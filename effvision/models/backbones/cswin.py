@@ -98,10 +98,10 @@ def stripe_layout(
 
     Vertical stripes span the full height and ``split`` columns; horizontal ones ``split`` rows
     and the full width. The official code pads the map with ``pad // 2`` zeros at the top/left
-    and the rest at the bottom/right. Stripes are windows whose long side is the whole map, so
-    the indices are written directly rather than with ``window.py``'s ``window_layout``, whose
-    ``round_up(h, h)`` for a full-height window would make ``torch.export`` guard on sizes. As
-    there, every index comes from one flat ``arange`` and H, W stay symbolic.
+    and the rest at the bottom/right. Stripes are windows whose long side is the whole map; the
+    indices are written for that case (``round_up(h, h)`` for a full-height window would make
+    ``torch.export`` guard on sizes). Every index comes from one flat ``arange`` and H, W stay
+    symbolic.
 
     Args:
         h, w: Token map size (may be symbolic).

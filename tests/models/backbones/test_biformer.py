@@ -179,8 +179,8 @@ def test_routing_attention_matches_dense_masked_attention():
 
 
 @pytest.mark.parametrize('size', [(13, 13), (16, 24), (3, 17)])
-def test_region_layout_is_a_padded_partition(size):
-    """Regions of the n_win-padded canvas, row-major; the inverse and the crop undo them."""
+def test_region_layout_pads_to_n_win_and_crops_back(size):
+    """The canvas is padded to a multiple of n_win; the crop picks the real tokens back."""
     h, w = size
     n_win = 8
     x = torch.randn(2, h, w, 3)
@@ -188,14 +188,6 @@ def test_region_layout_is_a_padded_partition(size):
     hp, wp = layout.padded
     assert (hp, wp) == (-(-h // n_win) * n_win, -(-w // n_win) * n_win)
     padded = F.pad(x, (0, 0, 0, wp - w, 0, hp - h))
-    regions = padded.reshape(-1, 3).index_select(0, layout.gather).view(2, n_win**2, -1, 3)
-    rh, rw = hp // n_win, wp // n_win
-    expected = padded.view(2, n_win, rh, n_win, rw, 3).permute(0, 1, 3, 2, 4, 5)
-    torch.testing.assert_close(regions, expected.reshape(2, n_win**2, rh * rw, 3), rtol=0, atol=0)
-    back = regions.reshape(-1, 3).index_select(0, layout.inverse).view(2, hp, wp, 3)
-    torch.testing.assert_close(back, padded, rtol=0, atol=0)
-    real = regions.reshape(-1, 3).index_select(0, layout.scatter).view(2, h, w, 3)
-    torch.testing.assert_close(real, x, rtol=0, atol=0)
     torch.testing.assert_close(padded.reshape(-1, 3)[layout.crop].view(2, h, w, 3), x)
 
 
