@@ -1,1 +1,3 @@
+from .daformer_head import DAFormerHead, SegFormerAdapter
 
+__all__ = ['DAFormerHead', 'SegFormerAdapter']
