@@ -1,1 +1,3 @@
+from .dacs import DACS
 
+__all__ = ['DACS']
