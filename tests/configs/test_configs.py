@@ -79,11 +79,40 @@ def det_batch(shapes_root):
         return pseudo_collate([dataset[0], dataset[1]])
 
 
+@pytest.fixture(scope='module')
+def uda_batch(seg_batch, shapes_root):
+    """Labelled source images paired with two other images as the unlabelled target."""
+    register_all_modules()
+    dataset = DATASETS.build(
+        dict(
+            type='ShapesDataset',
+            data_root=str(shapes_root),
+            data_prefix=dict(img_path='images/validation', seg_map_path='annotations/validation'),
+            pipeline=[
+                dict(type='LoadImageFromFile'),
+                dict(type='LoadAnnotations'),
+                dict(type='Resize', scale=SIZE, keep_ratio=False),
+                dict(type='PackSegInputs'),
+            ],
+        )
+    )
+    target = pseudo_collate([dataset[0], dataset[1]])
+    return dict(
+        seg_batch, target_inputs=target['inputs'], target_data_samples=target['data_samples']
+    )
+
+
+def is_uda(cfg: Config) -> bool:
+    """Domain-adaptive training: the segmentor to adapt is nested in the UDA model."""
+    return cfg.model.type == 'DACS'
+
+
 @pytest.mark.parametrize('path', CONFIGS, ids=lambda p: str(p.relative_to(REPO_ROOT / 'configs')))
 def test_config_trains_and_predicts(path: Path, request):
     cfg = Config.fromfile(path)
     assert cfg.default_scope in ('effvision', 'mmdet')
-    cfg.model.backbone.init_cfg = None  # published weights cannot be downloaded in tests
+    segmentor = cfg.model.model if is_uda(cfg) else cfg.model
+    segmentor.backbone.init_cfg = None  # published weights cannot be downloaded in tests
     register_all_modules()
     detection = is_detection(cfg)
     if detection:
@@ -92,7 +121,7 @@ def test_config_trains_and_predicts(path: Path, request):
         batch = request.getfixturevalue('det_batch')
     else:
         cfg.model.data_preprocessor.size = SIZE
-        batch = request.getfixturevalue('seg_batch')
+        batch = request.getfixturevalue('uda_batch' if is_uda(cfg) else 'seg_batch')
     with DefaultScope.overwrite_default_scope(cfg.default_scope):
         registry = DET_MODELS if detection else MODELS
         model = revert_sync_batchnorm(registry.build(cfg.model))
@@ -102,6 +131,8 @@ def test_config_trains_and_predicts(path: Path, request):
         losses = model.train_step(batch, optim_wrapper)
         assert losses and all(torch.isfinite(v).all() for v in losses.values())
         model.eval()
+        if is_uda(cfg):  # validation batches are plain (target-domain) images
+            batch = request.getfixturevalue('seg_batch')
         with torch.no_grad():
             predictions = model.val_step(batch)
     assert len(predictions) == 2
@@ -145,3 +176,43 @@ def test_swin_ade20k_configs_follow_the_official_recipe(path: Path):
             assert group['weight_decay'] == 0.0
         if any(p is qkv for p in group['params']):
             assert group['weight_decay'] == 0.01
+
+
+DAFORMER = sorted((REPO_ROOT / 'configs' / 'daformer').glob('daformer_*_1xb2-40k_*-512x512.py'))
+
+
+@pytest.mark.parametrize('path', DAFORMER, ids=lambda p: p.stem)
+def test_daformer_configs_follow_the_published_recipe(path: Path):
+    """lhoyer/DAFormer gta2cs_uda_warm_fdthings_rcs_croppl_a999_daformer_mitb5_s0.py."""
+    cfg = Config.fromfile(path)
+    uda = cfg.model
+    assert (uda.type, uda.alpha, uda.pseudo_threshold, uda.mix, uda.blur) == (
+        'DACS', 0.999, 0.968, 'class', True,
+    )  # fmt: skip
+    assert (uda.pseudo_weight_ignore_top, uda.pseudo_weight_ignore_bottom) == (15, 120)
+    assert (uda.color_jitter_strength, uda.color_jitter_probability) == (0.2, 0.2)
+    assert uda.imnet_feature_dist_lambda == 0.005
+    assert uda.imnet_feature_dist_classes == [6, 7, 11, 12, 13, 14, 15, 16, 17, 18]
+    assert uda.imnet_feature_dist_scale_min_ratio == 0.75
+    assert uda.mask_consistency is None  # MIC is an option, off in DAFormer
+    head = uda.model.decode_head
+    assert (head.type, head.channels, head.embed_dims, head.num_classes) == (
+        'DAFormerHead', 256, 256, 19,
+    )  # fmt: skip
+    assert head.fusion_cfg == dict(type='aspp', sep=True, dilations=(1, 6, 12, 18), pool=False)
+    assert uda.data_preprocessor.size == (512, 512)
+    optimizer = cfg.optim_wrapper.optimizer
+    assert (optimizer.type, optimizer.lr, optimizer.weight_decay) == ('AdamW', 6e-5, 0.01)
+    assert cfg.optim_wrapper.paramwise_cfg.custom_keys.head.lr_mult == 10.0
+    warmup, poly = cfg.param_scheduler
+    assert (warmup.type, warmup.start_factor, warmup.end) == ('LinearLR', 1e-6, 1500)
+    assert (poly.type, poly.begin, poly.end, poly.power, poly.eta_min) == (
+        'PolyLR', 0, 40000, 1.0, 0.0,
+    )  # fmt: skip
+    assert (cfg.train_cfg.max_iters, cfg.train_cfg.val_interval) == (40000, 4000)
+    assert cfg.train_dataloader.batch_size == 2
+    rcs = cfg.train_dataloader.dataset.rare_class_sampling
+    assert (rcs.class_temp, rcs.min_pixels, rcs.min_crop_ratio) == (0.01, 3000, 0.5)
+    if 'mit-b5' in path.stem:
+        backbone = uda.model.backbone
+        assert (backbone.embed_dims, backbone.num_layers) == (64, [3, 6, 40, 3])
