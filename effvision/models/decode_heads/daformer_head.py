@@ -299,25 +299,27 @@ class SegFormerAdapter(nn.Module):
 def convert_official(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """An official DAFormer checkpoint's weights in effvision's layout.
 
-    Head parameters keep their official names. A full UDA checkpoint holds the student under
-    ``model.``, the EMA teacher under ``ema_model.`` and the frozen ImageNet copy under
-    ``imnet_model.``: the student's keys are returned (``backbone.*``, ``decode_head.*``, ...)
-    with the official MiT backbone keys (NVlabs naming) converted to mmseg's
-    ``MixVisionTransformer``. A bare head state dict passes through unchanged.
+    Head parameters keep their official names. The official MiT backbone (NVlabs naming:
+    ``patch_embed1``, ``block1``, ``attn.q``/``attn.kv``, ``mlp.fc1``) becomes mmseg's
+    ``MixVisionTransformer``, wherever it sits: a segmentor's ``backbone.``, or the student
+    ``model.backbone.``, EMA teacher ``ema_model.backbone.`` and ImageNet copy
+    ``imnet_model.backbone.`` of a UDA checkpoint (which is :class:`~effvision.models.DACS`'s
+    layout too). Other keys and bare head state dicts pass through unchanged.
     """
     if 'state_dict' in state_dict and isinstance(state_dict['state_dict'], dict):
         state_dict = state_dict['state_dict']
-    if any(key.startswith('model.') for key in state_dict):
-        state_dict = {
-            k[len('model.') :]: v for k, v in state_dict.items() if k.startswith('model.')
-        }
-    backbone = {
-        k[len('backbone.') :]: v for k, v in state_dict.items() if k.startswith('backbone.')
-    }
-    out = {k: v for k, v in state_dict.items() if not k.startswith('backbone.')}
-    if backbone and any(key.startswith('patch_embed1.') for key in backbone):
-        backbone = _mit_to_mmseg(backbone)
-    out.update({f'backbone.{k}': v for k, v in backbone.items()})
+    groups: dict[str, dict[str, torch.Tensor]] = {}
+    out = {}
+    for key, value in state_dict.items():
+        prefix, sep, rest = key.partition('backbone.')
+        if sep and prefix in ('', 'model.', 'ema_model.', 'imnet_model.'):
+            groups.setdefault(prefix + sep, {})[rest] = value
+        else:
+            out[key] = value
+    for prefix, backbone in groups.items():
+        if any(key.startswith('patch_embed1.') for key in backbone):
+            backbone = _mit_to_mmseg(backbone)
+        out.update({prefix + k: v for k, v in backbone.items()})
     return out
 
 
