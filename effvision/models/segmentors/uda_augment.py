@@ -23,7 +23,6 @@ import math
 import torch
 import torch.nn.functional as F
 
-
 # kornia 0.5.8's hue shift uses its float32 constant for pi (rgb<->hsv use math.pi)
 _PI32 = float(torch.tensor(math.pi, dtype=torch.float32))
 
