@@ -15,7 +15,22 @@ One scene is written in three formats at once:
 * COCO panoptic (``annotations/panoptic_{training,validation}.json`` and PNGs in
   ``annotations/panoptic_{training,validation}/``),
 
-plus ``meta.json`` (classes, palette, thing/stuff split, generator version, arguments, counts).
+plus ``meta.json`` (classes, palette, thing/stuff split, generator version, domain, arguments,
+counts).
+
+Two *domains* render the same scenes, for unsupervised domain adaptation (labelled source,
+unlabelled target, like GTA and Cityscapes):
+
+* ``'source'`` (the default): the look described above, flat saturated paints, crisp edges.
+* ``'target'``: the same geometry, labels and label files byte for byte, photographed
+  differently. Overcast skies (pale grey gradients under stratus bands instead of blue with
+  white clouds), dry olive grass with blades and bare soil, worn darker asphalt with faded
+  markings and repair patches, plain plaster/brick/concrete facades with weathering streaks and
+  floor lines instead of window grids, darker clumpy foliage; things keep their shapes but get
+  muted, slightly hue-shifted, grimy paints lit from one side and cast soft shadows; then a camera:
+  lens blur, vignetting, a warm white-balance error, shot and read noise, and a flatter tone
+  curve. Its randomness comes from a second generator seeded from a copy of the scene's, so the
+  scene's own draws (and thus every label) are those of the source domain.
 
 Conventions:
 
@@ -33,8 +48,9 @@ Conventions:
   instance with fewer than ``min_instance_area`` visible pixels is dropped before drawing, so no
   pixel shows an object without an annotation.
 * Determinism: image ``index`` of a split depends only on ``(seed, split, index, size, ...)``
-  through ``np.random.default_rng([seed, split id, index])``, never on how many images were
-  generated. The same arguments, with the same numpy/OpenCV versions, give byte-identical files.
+  through ``np.random.default_rng([seed, split id, index])`` (and the domain), never on how
+  many images were generated. The same arguments, with the same numpy/OpenCV versions, give
+  byte-identical files.
 
 The module itself imports only numpy, OpenCV and pycocotools (no torch).
 """
@@ -42,6 +58,7 @@ The module itself imports only numpy, OpenCV and pycocotools (no torch).
 from __future__ import annotations
 
 import colorsys
+import copy
 import json
 import os
 import shutil
@@ -76,6 +93,9 @@ IGNORE_INDEX = 255
 
 # Split name (the ADE20K folder name) -> id mixed into each image's random seed.
 SPLITS = {'training': 0, 'validation': 1}
+# Appearances of the same scenes: 'source' (the original look) and 'target' (a shifted one for
+# domain adaptation; same labels).
+DOMAINS = ('source', 'target')
 _FILE_PREFIX = {'training': 'train', 'validation': 'val'}
 
 _SHIFT = 4  # OpenCV drawing with 4 fractional bits: sub-pixel placement of small shapes
@@ -203,41 +223,57 @@ def _paint(canvas: np.ndarray, region: np.ndarray, texture: np.ndarray) -> None:
 
 
 def _draw_background(
-    rng: np.random.Generator, height: int, width: int
+    rng: np.random.Generator, height: int, width: int, look: _TargetLook | None = None
 ) -> tuple[np.ndarray, np.ndarray, int]:
-    """Sky, road, buildings and vegetation: float32 RGB, uint8 labels and the horizon row."""
+    """Sky, road, buildings and vegetation: float32 RGB, uint8 labels and the horizon row.
+
+    With ``look`` (the target domain) every texture is replaced by the target one, after the
+    source one has taken its draws from ``rng``: the geometry that follows stays the same.
+    """
     horizon = int(round(height * rng.uniform(0.35, 0.55)))
     image = np.zeros((height, width, 3), np.float32)
     labels = np.full((height, width), VEGETATION, np.uint8)
     labels[:horizon] = SKY
-    image[:horizon] = _sky(rng, horizon, width, height)
-    image[horizon:] = _grass(rng, height - horizon, width, height)
-    _draw_road(rng, image, labels, horizon)
-    _draw_buildings(rng, image, labels, horizon)
-    _draw_tree_crowns(rng, image, labels, horizon)
+    image[:horizon] = _sky(rng, horizon, width, height, look)
+    image[horizon:] = _grass(rng, height - horizon, width, height, look)
+    _draw_road(rng, image, labels, horizon, look)
+    _draw_buildings(rng, image, labels, horizon, look)
+    _draw_tree_crowns(rng, image, labels, horizon, look)
     return image, labels, horizon
 
 
-def _sky(rng: np.random.Generator, rows: int, width: int, height: int) -> np.ndarray:
+def _sky(
+    rng: np.random.Generator, rows: int, width: int, height: int, look: _TargetLook | None
+) -> np.ndarray:
     """A vertical gradient, lighter towards the horizon, with soft clouds."""
     top = np.array(_jitter(rng, (70, 120, 210), 25), np.float32)
     bottom = np.array(_jitter(rng, (170, 200, 235), 15), np.float32)
     t = np.arange(rows, dtype=np.float32)[:, None, None] / rows
     sky = top * (1 - t) + bottom * t + 5 * _smooth_noise(rng, (rows, width), height / 3)[..., None]
     clouds = np.clip(_smooth_noise(rng, (rows, width), height / 5) - rng.uniform(0.3, 1.2), 0, 1)
+    if look is not None:
+        return _target_sky(look, rows, width)
     return sky + clouds[..., None] * (245 - sky) * 0.8
 
 
-def _grass(rng: np.random.Generator, rows: int, width: int, height: int) -> np.ndarray:
+def _grass(
+    rng: np.random.Generator, rows: int, width: int, height: int, look: _TargetLook | None
+) -> np.ndarray:
     """Green with fine grain and patches of darker and lighter growth."""
     grass = np.array(_jitter(rng, (80, 135, 55), 22), np.float32)
     grain = rng.normal(0, 9, (rows, width)).astype(np.float32)[..., None]
     patches = 14 * _smooth_noise(rng, (rows, width), height / 10)[..., None]
+    if look is not None:
+        return _target_grass(look, rows, width)
     return grass + grain * np.float32([0.8, 1.0, 0.6]) + patches
 
 
 def _draw_road(
-    rng: np.random.Generator, image: np.ndarray, labels: np.ndarray, horizon: int
+    rng: np.random.Generator,
+    image: np.ndarray,
+    labels: np.ndarray,
+    horizon: int,
+    look: _TargetLook | None,
 ) -> None:
     """A trapezoid converging on a vanishing point at the horizon, with lane markings."""
     height, width = labels.shape
@@ -256,6 +292,8 @@ def _draw_road(
     ground = (height - horizon, width)
     texture = asphalt + rng.normal(0, 5, ground).astype(np.float32)[..., None]
     texture += 6 * _smooth_noise(rng, ground, height / 6)[..., None]
+    if look is not None:
+        texture = _target_asphalt(look, ground)
     _paint(image[horizon:], region[horizon:], texture)
     labels[region] = ROAD
 
@@ -284,11 +322,18 @@ def _draw_road(
         stripe(0.92, 0.0, 1.05)
     # Markings are part of the road class: paint them only where the road is.
     marked = marks.mask.astype(bool) & region
-    image[marked] = marks.rgb[marked]
+    if look is not None:
+        _target_markings(look, image, marked, marks.rgb)
+    else:
+        image[marked] = marks.rgb[marked]
 
 
 def _draw_buildings(
-    rng: np.random.Generator, image: np.ndarray, labels: np.ndarray, horizon: int
+    rng: np.random.Generator,
+    image: np.ndarray,
+    labels: np.ndarray,
+    horizon: int,
+    look: _TargetLook | None,
 ) -> None:
     """Blocks standing on the horizon with window grids; later blocks hide earlier ones."""
     height, width = labels.shape
@@ -322,12 +367,18 @@ def _draw_buildings(
         ]
         block[windows & ~lit] = np.array(_jitter(rng, (45, 50, 60), 12), np.float32)
         block[windows & lit] = np.array(_jitter(rng, (215, 200, 120), 15), np.float32)
+        if look is not None:
+            block = _target_facade(look, block.shape[:2])
         image[y0:horizon, xa:xb] = block
         labels[y0:horizon, xa:xb] = BUILDING
 
 
 def _draw_tree_crowns(
-    rng: np.random.Generator, image: np.ndarray, labels: np.ndarray, horizon: int
+    rng: np.random.Generator,
+    image: np.ndarray,
+    labels: np.ndarray,
+    horizon: int,
+    look: _TargetLook | None,
 ) -> None:
     """Vegetation blobs along the horizon, over sky, buildings and the distant road."""
     height, width = labels.shape
@@ -340,6 +391,8 @@ def _draw_tree_crowns(
         texture = (
             leaves + 16 * _smooth_noise(rng, (height, width), max(height / 40, 1.5))[..., None]
         )
+        if look is not None:
+            texture = _target_leaves(look, (height, width))
         region = crown.mask.astype(bool)
         _paint(image, region, texture)
         labels[region] = VEGETATION
@@ -486,7 +539,12 @@ _THING_DRAWERS: dict[int, Callable[..., None]] = {
 
 
 def _draw_things(
-    rng: np.random.Generator, height: int, width: int, horizon: int, count: int
+    rng: np.random.Generator,
+    height: int,
+    width: int,
+    horizon: int,
+    count: int,
+    look: _TargetLook | None = None,
 ) -> list[tuple[int, _Layer]]:
     """Draws ``count`` things on separate layers, sorted far to near (drawing order)."""
     placed: list[tuple[float, int, _Layer]] = []
@@ -513,6 +571,8 @@ def _draw_things(
         layer = _Layer(height, width)
         _THING_DRAWERS[class_id](rng, layer, x, y, h, w)
         _shade(rng, layer, y - h, h)
+        if look is not None:
+            _target_material(look, layer)
         placed.append((y, class_id, layer))
         anchors.append((x, y, w))
     placed.sort(key=lambda item: item[0])  # painter's order: nearer objects cover farther ones
@@ -531,6 +591,179 @@ def _shade(rng: np.random.Generator, layer: _Layer, top: float, h: float) -> Non
 
 
 # ------------------------------------------------------------------------------------------------
+# The target domain's look
+# ------------------------------------------------------------------------------------------------
+
+
+class _TargetLook:
+    """The target domain's look for one image: its own generator and per-image material choices.
+
+    Every target-only draw comes from ``rng``, a generator independent of the scene's, so the
+    scene's generator takes exactly the draws it takes in the source domain and lays out the
+    same geometry: the two domains share their labels pixel for pixel.
+
+    Args:
+        rng: The target look's generator.
+        height: Image height; texture scales and blur widths follow it.
+    """
+
+    def __init__(self, rng: np.random.Generator, height: int) -> None:
+        self.rng = rng
+        self.scale = height / 128
+        # Things: paints muted and hue-shifted alike within the image (like one camera's colour).
+        self.saturation = rng.uniform(0.35, 0.65)
+        self.hue_shift = rng.uniform(-15, 15)  # degrees
+        # The sun's side (-1 left, 1 right): shades things and casts their shadows.
+        self.light = 1.0 if rng.random() < 0.5 else -1.0
+
+    @classmethod
+    def for_scene(cls, rng: np.random.Generator, height: int) -> _TargetLook:
+        # Seeded from a copy of the scene's generator: deterministic, and ``rng`` itself is left
+        # untouched (its next draw is still the source domain's).
+        key = int(copy.deepcopy(rng).integers(2**63))
+        return cls(np.random.default_rng([key, 0x7A26E7]), height)
+
+    def noise(
+        self, shape: tuple[int, int], cell_y: float, cell_x: float | None = None
+    ) -> np.ndarray:
+        """Smooth noise like :func:`_smooth_noise`, blobs ``cell_y`` tall and ``cell_x`` wide."""
+        height, width = shape
+        cell_x = cell_y if cell_x is None else cell_x
+        rows, cols = int(height / cell_y) + 2, int(width / cell_x) + 2
+        grid = self.rng.standard_normal((rows, cols), dtype=np.float32)
+        return cv2.resize(grid, (width, height), interpolation=cv2.INTER_CUBIC)
+
+    def grain(self, shape: tuple[int, ...], sigma: float) -> np.ndarray:
+        """Independent Gaussian noise per element, float32."""
+        return self.rng.normal(0, sigma, shape).astype(np.float32)
+
+
+def _target_sky(look: _TargetLook, rows: int, width: int) -> np.ndarray:
+    """Overcast: a pale, nearly grey gradient under grey bands of stratus."""
+    rng, s = look.rng, look.scale
+    hue = rng.uniform(0.5, 0.65)
+    top = np.array(_hsv(hue, rng.uniform(0.05, 0.3), rng.uniform(0.6, 0.85)), np.float32)
+    bottom = np.array(_hsv(hue, rng.uniform(0.0, 0.1), rng.uniform(0.85, 0.97)), np.float32)
+    t = np.arange(rows, dtype=np.float32)[:, None, None] / max(rows, 1)
+    sky = top * (1 - t) + bottom * t
+    bands = look.noise((rows, width), 5 * s, 40 * s) + 0.5 * look.noise(
+        (rows, width), 2 * s, 12 * s
+    )
+    cover = np.clip(bands - rng.uniform(-0.3, 0.6), 0, 1)[..., None]
+    tone = np.float32(rng.uniform(140, 200))
+    return sky + cover * (tone - sky) * 0.7 + look.grain((rows, width, 1), 2)
+
+
+def _target_grass(look: _TargetLook, rows: int, width: int) -> np.ndarray:
+    """Dry, olive ground cover: vertical blades, and patches of bare soil."""
+    rng, s = look.rng, look.scale
+    grass = np.array(
+        _hsv(rng.uniform(0.18, 0.28), rng.uniform(0.35, 0.6), rng.uniform(0.3, 0.5)), np.float32
+    )
+    soil = np.array(_jitter(rng, (115, 95, 70), 15), np.float32)
+    blades = 18 * look.noise((rows, width), 3 * s, max(0.7 * s, 1.0))[..., None]
+    bare = np.clip(look.noise((rows, width), 12 * s) - rng.uniform(0.6, 1.4), 0, 1)[..., None]
+    return grass * (1 - bare) + soil * bare + blades + look.grain((rows, width, 1), 5)
+
+
+def _target_asphalt(look: _TargetLook, ground: tuple[int, int]) -> np.ndarray:
+    """Darker, worn asphalt with a cool or warm tint, coarse grain and repair patches."""
+    rng, s = look.rng, look.scale
+    gray = rng.uniform(55, 100)
+    asphalt = np.array([gray * rng.uniform(0.92, 1.04), gray, gray * rng.uniform(1.0, 1.12)])
+    texture = asphalt.astype(np.float32) + look.grain((*ground, 1), 8)
+    texture += 10 * look.noise(ground, 2 * s)[..., None]
+    patches = look.noise(ground, 10 * s) > rng.uniform(0.6, 1.4)
+    texture[patches] *= np.float32(rng.uniform(0.7, 0.85))
+    return texture
+
+
+def _target_markings(
+    look: _TargetLook, image: np.ndarray, marked: np.ndarray, paint: np.ndarray
+) -> None:
+    """Worn paint: the markings only partly cover the asphalt, unevenly."""
+    height, width = marked.shape
+    wear = np.clip(
+        look.rng.uniform(0.35, 0.7) + 0.25 * look.noise((height, width), 2 * look.scale), 0, 1
+    )
+    w = wear[marked][:, None]
+    image[marked] = image[marked] * (1 - w) + paint[marked].astype(np.float32) * w
+
+
+def _target_facade(look: _TargetLook, shape: tuple[int, int]) -> np.ndarray:
+    """Plaster, brick or concrete with weathering streaks and floor lines, no window grid."""
+    rng, s = look.rng, look.scale
+    facades = ((200, 190, 170), (175, 160, 150), (150, 105, 85), (120, 122, 125), (85, 90, 95))
+    facade = np.array(_jitter(rng, facades[rng.integers(len(facades))], 15), np.float32)
+    block = facade + 12 * look.noise(shape, 20 * s, 1.5 * s)[..., None]  # rain streaks
+    block += 8 * look.noise(shape, 8 * s)[..., None] + look.grain((*shape, 1), 5)
+    floor = max(rng.uniform(6, 12) * s, 3.0)
+    lines = np.mod(np.arange(shape[0]) + rng.uniform(0, floor), floor) < max(s, 1.0)
+    block[lines] *= np.float32(rng.uniform(0.75, 0.9))
+    return block
+
+
+def _target_leaves(look: _TargetLook, shape: tuple[int, int]) -> np.ndarray:
+    """Dark, blue- or yellow-tinged foliage in clumps with deep shadow between them."""
+    rng, s = look.rng, look.scale
+    leaves = np.array(
+        _hsv(rng.uniform(0.17, 0.33), rng.uniform(0.3, 0.6), rng.uniform(0.22, 0.4)), np.float32
+    )
+    clumps = np.clip(look.noise(shape, 2.5 * s) + 0.5, 0, 1.5)[..., None]
+    return leaves * (0.55 + 0.45 * clumps) + 10 * look.noise(shape, 0.8 * s + 0.5)[..., None]
+
+
+def _target_material(look: _TargetLook, layer: _Layer) -> None:
+    """Muted, slightly hue-shifted paints with a matte grain, lit from the sun's side."""
+    ys, xs = np.nonzero(layer.mask)
+    if len(ys) == 0:
+        return
+    rng = look.rng
+    rgb = layer.rgb[ys, xs].astype(np.float32)[:, None, :] / 255
+    hsv = cv2.cvtColor(rgb, cv2.COLOR_RGB2HSV)
+    hsv[..., 0] = np.mod(hsv[..., 0] + look.hue_shift + rng.uniform(-10, 10), 360)
+    hsv[..., 1] *= look.saturation * rng.uniform(0.8, 1.2)
+    hsv[..., 2] = hsv[..., 2] * rng.uniform(0.7, 0.9) + 0.03
+    out = cv2.cvtColor(hsv, cv2.COLOR_HSV2RGB)[:, 0] * 255
+    across = (xs - xs.mean()) / max(float(np.ptp(xs)), 1.0)  # -0.5 .. 0.5
+    grime = look.noise(layer.mask.shape, 1.5 * look.scale)[ys, xs]
+    out *= (1 + 0.45 * look.light * across + 0.08 * grime)[:, None]
+    out += rng.normal(0, 5, (len(ys), 1))
+    layer.rgb[ys, xs] = np.clip(out, 0, 255).astype(np.uint8)
+
+
+def _target_shadows(look: _TargetLook, image: np.ndarray, masks: Sequence[np.ndarray]) -> None:
+    """Soft contact shadows on the ground beside each thing, away from the sun."""
+    height, width = image.shape[:2]
+    shadow = _Layer(height, width)
+    for mask in masks:
+        ys, xs = np.nonzero(mask)
+        x0, x1, bottom = xs.min(), xs.max() + 1, ys.max() + 1
+        half = 0.5 * (x1 - x0)
+        cx = 0.5 * (x0 + x1) - look.light * 0.35 * half
+        shadow.ellipse(cx, bottom - 0.05 * half, 1.1 * half, 0.18 * half + 0.5, 0, (0, 0, 0))
+    soft = cv2.GaussianBlur(shadow.mask.astype(np.float32), (0, 0), 1.2 * look.scale)
+    image *= (1 - look.rng.uniform(0.35, 0.55) * soft)[..., None]
+
+
+def _target_camera(look: _TargetLook, image: np.ndarray) -> np.ndarray:
+    """Lens blur and vignetting, a white balance error, sensor noise and a flat tone curve."""
+    rng, s = look.rng, look.scale
+    height, width = image.shape[:2]
+    image = cv2.GaussianBlur(image, (0, 0), rng.uniform(0.7, 1.1) * s)
+    yy = (np.arange(height, dtype=np.float32)[:, None] - height / 2) / (height / 2)
+    xx = (np.arange(width, dtype=np.float32)[None, :] - width / 2) / (width / 2)
+    image *= (1 - rng.uniform(0.1, 0.25) * (xx**2 + yy**2) / 2)[..., None]
+    cast = np.array([1.05, 1.01, 0.9], np.float32) * np.exp(rng.normal(0, 0.03, 3))
+    image = image * cast.astype(np.float32)
+    shot = np.sqrt(np.maximum(image, 0)) * rng.uniform(0.4, 0.8)
+    image += shot * rng.standard_normal(image.shape, dtype=np.float32)
+    image += rng.normal(0, rng.uniform(3, 6), image.shape).astype(np.float32)
+    lift = rng.uniform(2, 8)
+    return lift + image * np.float32(rng.uniform(0.85, 0.97))
+
+
+# ------------------------------------------------------------------------------------------------
 # Scenes
 # ------------------------------------------------------------------------------------------------
 
@@ -546,26 +779,36 @@ def render_scene(
     *,
     things_per_image: tuple[int, int] = (2, 7),
     min_instance_area: int | None = None,
+    domain: str = 'source',
 ) -> Scene:
     """Renders one scene from a random generator.
 
     Args:
-        rng: The only source of randomness.
+        rng: The only source of randomness. In the ``'target'`` domain the look's own generator
+            is seeded from a copy of it, so ``rng`` advances exactly as in the source domain.
         size: ``(H, W)`` in pixels, each at least 32.
         things_per_image: Inclusive range of the number of thing instances *drawn*; some may then
             be dropped as almost fully hidden.
         min_instance_area: Instances with fewer visible pixels are not drawn at all (default:
             :func:`default_min_instance_area`).
+        domain: ``'source'`` or ``'target'``: the appearance. Both render the same scene (the
+            same semantic map and instances from the same ``rng`` state); see the module
+            docstring for what the target look changes.
 
     Returns:
         The scene; its semantic map and instance masks agree pixel for pixel.
+
+    Raises:
+        ValueError: ``domain`` is unknown.
     """
+    _check_domain(domain)
     height, width = size
     if min_instance_area is None:
         min_instance_area = default_min_instance_area(size)
-    image, semantic, horizon = _draw_background(rng, height, width)
+    look = _TargetLook.for_scene(rng, height) if domain == 'target' else None
+    image, semantic, horizon = _draw_background(rng, height, width, look)
     count = int(rng.integers(*things_per_image, endpoint=True))
-    layers = _draw_things(rng, height, width, horizon, count)
+    layers = _draw_things(rng, height, width, horizon, count, look)
 
     # Decide visibility top-down: an instance's visible area only depends on the kept ones above
     # it, so dropping a nearly hidden one never changes what the others show.
@@ -578,6 +821,8 @@ def render_scene(
             kept.append((class_id, layer, visible))
             covered |= full
     kept.reverse()
+    if look is not None:
+        _target_shadows(look, image, [layer.mask for _, layer, _ in kept])
 
     instances = []
     for class_id, layer, visible in kept:
@@ -586,6 +831,8 @@ def render_scene(
         instances.append(Instance(class_id, visible))
 
     image += rng.normal(0, rng.uniform(1.5, 4.0), image.shape).astype(np.float32)
+    if look is not None:
+        image = _target_camera(look, image)
     image = np.clip(np.round(image), 0, 255).astype(np.uint8)
     return Scene(image=image, semantic=semantic, instances=instances)
 
@@ -598,6 +845,7 @@ def make_scene(
     seed: int = 0,
     things_per_image: tuple[int, int] = (2, 7),
     min_instance_area: int | None = None,
+    domain: str = 'source',
 ) -> Scene:
     """Renders image ``index`` of ``split`` exactly as :func:`generate_shapes` writes it.
 
@@ -608,6 +856,7 @@ def make_scene(
         seed: Dataset seed.
         things_per_image: See :func:`render_scene`.
         min_instance_area: See :func:`render_scene`.
+        domain: ``'source'`` or ``'target'``; the labels do not depend on it.
 
     Returns:
         The scene, independent of any other image.
@@ -616,8 +865,17 @@ def make_scene(
         raise ValueError(f'unknown split {split!r}; expected one of {sorted(SPLITS)}')
     rng = np.random.default_rng([seed, SPLITS[split], index])
     return render_scene(
-        rng, size, things_per_image=things_per_image, min_instance_area=min_instance_area
+        rng,
+        size,
+        things_per_image=things_per_image,
+        min_instance_area=min_instance_area,
+        domain=domain,
     )
+
+
+def _check_domain(domain: str) -> None:
+    if domain not in DOMAINS:
+        raise ValueError(f'unknown domain {domain!r}; expected one of {list(DOMAINS)}')
 
 
 # ------------------------------------------------------------------------------------------------
@@ -753,6 +1011,7 @@ def generate_shapes(
     seed: int = 0,
     things_per_image: tuple[int, int] = (2, 7),
     min_instance_area: int | None = None,
+    domain: str = 'source',
     force: bool = False,
 ) -> dict:
     """Writes the shapes dataset (semantic, COCO instance and COCO panoptic annotations).
@@ -770,6 +1029,9 @@ def generate_shapes(
         things_per_image: Inclusive range of thing instances drawn per image.
         min_instance_area: Minimum visible pixels of a kept instance (default:
             :func:`default_min_instance_area`).
+        domain: ``'source'`` (the default look) or ``'target'`` (the shifted look for domain
+            adaptation). Only the images differ: the label PNGs and JSON files of the two
+            domains are byte-identical for the same other arguments.
         force: Replace an existing non-empty ``out_dir``.
 
     Returns:
@@ -787,6 +1049,7 @@ def generate_shapes(
         raise ValueError(f'image counts must be >= 0, got {num_train=} {num_val=}')
     if not 0 <= lo <= hi:
         raise ValueError(f'things_per_image must be (lo, hi) with 0 <= lo <= hi, got {(lo, hi)}')
+    _check_domain(domain)
 
     out = Path(out_dir)
     if out.exists() and not out.is_dir():
@@ -804,10 +1067,12 @@ def generate_shapes(
         'seed': int(seed),
         'things_per_image': (lo, hi),
         'min_instance_area': int(min_instance_area),
+        'domain': domain,
     }
     meta = {
         'name': 'shapes',
         'generator_version': GENERATOR_VERSION,
+        'domain': domain,
         'arguments': {'num_train': num_train, 'num_val': num_val, **scene_kwargs},
         'classes': list(CLASSES),
         'palette': [list(c) for c in PALETTE],

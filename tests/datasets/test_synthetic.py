@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import importlib.util
 import json
 import subprocess
@@ -21,6 +22,7 @@ from effvision.datasets.synthetic import (
     THING_IDS,
     generate_shapes,
     make_scene,
+    render_scene,
 )
 
 REPO = Path(__file__).resolve().parents[2]
@@ -36,9 +38,18 @@ def dataset(tmp_path_factory) -> Path:
     return root
 
 
-def _files(root: Path) -> dict[str, bytes]:
+@pytest.fixture(scope='module')
+def target_dataset(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp('shapes_target') / 'data'
+    generate_shapes(root, **SMALL, domain='target')
+    return root
+
+
+def _files(root: Path, under: str = '') -> dict[str, bytes]:
     return {
-        str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob('*')) if p.is_file()
+        str(p.relative_to(root)): p.read_bytes()
+        for p in sorted((root / under).rglob('*'))
+        if p.is_file()
     }
 
 
@@ -67,6 +78,7 @@ def test_layout(dataset):
     assert meta['arguments']['size'] == [64, 80]
     assert meta['arguments']['min_instance_area'] == 10
     assert meta['counts']['training']['images'] == 5
+    assert meta['domain'] == meta['arguments']['domain'] == 'source'
     assert 8 <= len(CLASSES) <= 10 and len(PALETTE) == len(CLASSES)
 
 
@@ -89,6 +101,83 @@ def test_image_independent_of_count(dataset, tmp_path):
     np.testing.assert_array_equal(scene.semantic, _read(dataset / 'annotations/training' / name))
     other_seed = make_scene('training', 1, size=(64, 80), seed=4)
     assert not np.array_equal(other_seed.image, scene.image)
+
+
+def test_source_output_unchanged():
+    # The source look is pinned: these digests were taken before the target domain existed
+    # (numpy 2.4, OpenCV 5.0). Another numpy or OpenCV may legitimately change them; a code
+    # change must not.
+    scene = make_scene('training', 0, size=(64, 80), seed=3)
+    digests = [hashlib.sha256(a.tobytes()).hexdigest()[:16] for a in (scene.image, scene.semantic)]
+    assert digests == ['c28c35f5fb7b0333', 'fd05ab6fd9bf0164'], (
+        f'{np.__version__=} {cv2.__version__=}'
+    )
+
+
+def test_target_domain_shares_labels(dataset, target_dataset):
+    # Only the images differ: every label file (semantic, panoptic PNGs, COCO JSON) is identical.
+    assert _files(target_dataset, 'annotations') == _files(dataset, 'annotations')
+    for split in ('training', 'validation'):
+        for name in _split_files(dataset, split):
+            source = _read(dataset / 'images' / split / name).astype(np.float32)
+            target = _read(target_dataset / 'images' / split / name).astype(np.float32)
+            assert source.shape == target.shape
+            assert np.abs(source - target).mean() > 15  # a visibly different look
+    meta = json.loads((target_dataset / 'meta.json').read_text())
+    assert meta['domain'] == meta['arguments']['domain'] == 'target'
+    source_meta = json.loads((dataset / 'meta.json').read_text())
+    for key in ('domain', 'arguments'):
+        meta.pop(key), source_meta.pop(key)
+    assert meta == source_meta
+
+
+def test_target_domain_deterministic(target_dataset, tmp_path):
+    again = tmp_path / 'again'
+    generate_shapes(again, **{**SMALL, 'num_train': 2, 'num_val': 0}, domain='target')
+    for name in _split_files(again, 'training'):
+        path = Path('images/training') / name
+        assert (again / path).read_bytes() == (target_dataset / path).read_bytes()
+    scene = make_scene('training', 1, size=(64, 80), seed=3, domain='target')
+    name = _split_files(target_dataset, 'training')[1]
+    np.testing.assert_array_equal(scene.image, _read(target_dataset / 'images/training' / name))
+
+
+@pytest.mark.parametrize('seed', range(4))
+def test_render_scene_domains_same_geometry(seed):
+    # The target look draws from its own generator: the scene's generator ends in the same state.
+    scenes, after = {}, {}
+    for domain in ('source', 'target'):
+        rng = np.random.default_rng(seed)
+        scenes[domain] = render_scene(rng, (48, 64), things_per_image=(4, 7), domain=domain)
+        after[domain] = rng.random()
+    source, target = scenes['source'], scenes['target']
+    assert after['source'] == after['target']
+    np.testing.assert_array_equal(source.semantic, target.semantic)
+    assert [i.class_id for i in source.instances] == [i.class_id for i in target.instances]
+    for a, b in zip(source.instances, target.instances, strict=True):
+        np.testing.assert_array_equal(a.mask, b.mask)
+    assert target.image.dtype == np.uint8 and target.image.shape == (48, 64, 3)
+    assert not np.array_equal(source.image, target.image)
+
+
+def test_target_look_shifts_colours():
+    # Stuff classes are restyled (overcast sky, olive grass, worn asphalt, plain facades) and the
+    # whole image is flatter and muted: per-class mean colours move and saturation drops.
+    shift, saturation = {c: [] for c in STUFF_IDS}, {'source': [], 'target': []}
+    for index in range(6):
+        scenes = {d: make_scene('validation', index, size=(64, 64), domain=d) for d in saturation}
+        for domain, scene in scenes.items():
+            hsv = cv2.cvtColor(scene.image, cv2.COLOR_RGB2HSV)
+            saturation[domain].append(hsv[..., 1].mean())
+        semantic = scenes['source'].semantic
+        for class_id in STUFF_IDS:
+            region = semantic == class_id
+            if region.sum() > 20:
+                means = [scenes[d].image[region].mean(0) for d in saturation]
+                shift[class_id].append(np.linalg.norm(means[0] - means[1]))
+    assert np.mean(saturation['target']) < 0.7 * np.mean(saturation['source'])
+    for class_id, distances in shift.items():
+        assert np.mean(distances) > 20, CLASSES[class_id]
 
 
 def test_semantic_maps(dataset):
@@ -189,11 +278,23 @@ def test_interrupted_run_leaves_nothing(tmp_path, monkeypatch):
 
 
 @pytest.mark.parametrize(
-    'kwargs', [dict(size=(16, 64)), dict(num_train=-1), dict(things_per_image=(3, 2))]
+    'kwargs',
+    [
+        dict(size=(16, 64)),
+        dict(num_train=-1),
+        dict(things_per_image=(3, 2)),
+        dict(domain='real'),
+    ],
 )
 def test_bad_arguments(tmp_path, kwargs):
     with pytest.raises(ValueError):
         generate_shapes(tmp_path / 'out', **kwargs)
+    assert not (tmp_path / 'out').exists()
+
+
+def test_bad_domain_names_choices():
+    with pytest.raises(ValueError, match="'source', 'target'"):
+        make_scene('training', 0, domain='Target')
 
 
 def test_cli(tmp_path):
@@ -214,3 +315,13 @@ def test_cli(tmp_path):
     with pytest.raises(SystemExit, match='--force'):
         make_shapes.main(args)
     make_shapes.main([*args, '--force'])
+
+    target = tmp_path / 'target'
+    make_shapes.main([*args[2:], '--out', str(target), '--domain', 'target'])
+    assert json.loads((target / 'meta.json').read_text())['domain'] == 'target'
+    for path in ('annotations/training/train_000000.png', 'annotations/instances_training.json'):
+        assert (target / path).read_bytes() == (out / path).read_bytes()
+    image = 'images/training/train_000000.png'
+    assert (target / image).read_bytes() != (out / image).read_bytes()
+    with pytest.raises(SystemExit):
+        make_shapes.parse_args(['--domain', 'real'])

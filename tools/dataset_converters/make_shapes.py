@@ -2,9 +2,12 @@
 
 Example:
     python tools/dataset_converters/make_shapes.py --out data/shapes
+    python tools/dataset_converters/make_shapes.py --out data/shapes_target --domain target
 
 The defaults (400 training and 60 validation images at 128x128) are what the quickstart configs
 expect; see ``effvision/datasets/synthetic.py`` for the layout and label conventions.
+``--domain target`` renders the same scenes (byte-identical labels) in the shifted look used as
+the unlabelled target domain of domain adaptation (docs/datasets/shapes.md).
 """
 
 from __future__ import annotations
@@ -12,7 +15,7 @@ from __future__ import annotations
 import argparse
 import time
 
-from effvision.datasets.synthetic import CLASSES, PALETTE, THING_IDS, generate_shapes
+from effvision.datasets.synthetic import CLASSES, DOMAINS, PALETTE, THING_IDS, generate_shapes
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -24,6 +27,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         '--size', type=int, nargs=2, default=(128, 128), metavar=('H', 'W'), help='image size'
     )
     parser.add_argument('--seed', type=int, default=0, help='dataset seed')
+    parser.add_argument(
+        '--domain',
+        choices=DOMAINS,
+        default='source',
+        help='appearance: source (default) or target (same scenes and labels, shifted look)',
+    )
     parser.add_argument('--force', action='store_true', help='replace an existing dataset root')
     return parser.parse_args(argv)
 
@@ -38,6 +47,7 @@ def main(argv: list[str] | None = None) -> None:
             num_val=args.num_val,
             size=tuple(args.size),
             seed=args.seed,
+            domain=args.domain,
             force=args.force,
         )
     except (FileExistsError, ValueError) as err:
@@ -45,7 +55,10 @@ def main(argv: list[str] | None = None) -> None:
     elapsed = time.perf_counter() - start
 
     height, width = args.size
-    print(f'wrote {args.out} in {elapsed:.1f} s ({height}x{width}, seed {args.seed})')
+    print(
+        f'wrote {args.out} in {elapsed:.1f} s ({height}x{width}, seed {args.seed}, '
+        f'{args.domain} domain)'
+    )
     for split, counts in meta['counts'].items():
         per_class = ', '.join(f'{name} {n}' for name, n in counts['instances_per_class'].items())
         images, instances = counts['images'], counts['instances']
