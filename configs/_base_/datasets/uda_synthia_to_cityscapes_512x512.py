@@ -8,8 +8,8 @@
 # Normalisation and padding to crop_size are the data preprocessor's job in mmseg 1.x (in the
 # model config: size=crop_size, pad_val=0, seg_pad_val=255). PhotoMetricDistortion is left out on
 # purpose: DAFormer applies its colour augmentation inside the UDA model.
-dataset_type = 'CityscapesDataset'
-data_root = 'data/cityscapes/'
+# Everything but the source dataset and the evaluator is the GTA5 -> Cityscapes setting.
+_base_ = ['./uda_gta_to_cityscapes_512x512.py']
 crop_size = (512, 512)
 synthia_train_pipeline = [
     dict(type='LoadImageFromFile'),
@@ -19,63 +19,24 @@ synthia_train_pipeline = [
     dict(type='RandomFlip', prob=0.5),
     dict(type='PackSegInputs'),
 ]
-cityscapes_train_pipeline = [
-    dict(type='LoadImageFromFile'),
-    # Target labels are loaded as in the official pipeline (handy for logging pseudo-label
-    # quality); a UDA model must never train on them.
-    dict(type='LoadAnnotations'),
-    dict(type='Resize', scale=(1024, 512), keep_ratio=True),
-    dict(type='RandomCrop', crop_size=crop_size),
-    dict(type='RandomFlip', prob=0.5),
-    dict(type='PackSegInputs'),
-]
-test_pipeline = [
-    dict(type='LoadImageFromFile'),
-    dict(type='Resize', scale=(1024, 512), keep_ratio=True),
-    # Annotations after Resize: the metric compares predictions with the full-size label map.
-    dict(type='LoadAnnotations'),
-    dict(type='PackSegInputs'),
-]
 train_dataloader = dict(
-    batch_size=2,
-    num_workers=4,
-    persistent_workers=True,
-    sampler=dict(type='InfiniteSampler', shuffle=True),
     dataset=dict(
-        type='UDADataset',
         source=dict(
+            _delete_=True,
             type='SynthiaDataset',
             data_root='data/synthia/',
             data_prefix=dict(img_path='RGB', seg_map_path='GT/LABELS'),
             pipeline=synthia_train_pipeline,
         ),
-        target=dict(
-            type=dataset_type,
-            data_root=data_root,
-            data_prefix=dict(img_path='leftImg8bit/train', seg_map_path='gtFine/train'),
-            pipeline=cityscapes_train_pipeline,
-        ),
-        # DAFormer's published values; statistics read from data/synthia/ (written by synthia.py).
-        rare_class_sampling=dict(class_temp=0.01, min_pixels=3000, min_crop_ratio=0.5),
-    ),
+        # DAFormer's published RCS values (from the GTA5 base); statistics read from
+        # data/synthia/ (written by tools/dataset_converters/synthia.py).
+    )
 )
-val_dataloader = dict(
-    batch_size=1,
-    num_workers=4,
-    persistent_workers=True,
-    sampler=dict(type='DefaultSampler', shuffle=False),
-    dataset=dict(
-        type=dataset_type,
-        data_root=data_root,
-        data_prefix=dict(img_path='leftImg8bit/val', seg_map_path='gtFine/val'),
-        pipeline=test_pipeline,
-    ),
-)
-test_dataloader = val_dataloader
 # SYNTHIA labels 16 of the 19 classes (no terrain 9, truck 14, train 16): UDA papers report
 # mIoU16 and mIoU13 (also without wall 3, fence 4, pole 5) besides the 19-class mIoU; the lists
 # are effvision.datasets.synthia.SYNTHIA_CLASS_SUBSETS.
 val_evaluator = dict(
+    _delete_=True,
     type='SubsetIoUMetric',
     iou_metrics=['mIoU'],
     class_subsets=dict(

@@ -260,8 +260,9 @@ class DACS(BaseSegmentor):
             optim_wrapper: The runner's optimizer wrapper (no gradient accumulation).
 
         Returns:
-            The logged values: ``decode.loss_seg`` etc. for the source, ``src.loss_imnet_feat_
-            dist``, ``mix.*``, ``masked.*`` and the pseudo-label weight ``pseudo_weight``.
+            The logged values: the source losses (``decode.loss_ce``, ``decode.acc_seg``, ...),
+            ``src.loss_imnet_feat_dist``, ``mix.*``, ``masked.*``, the pseudo-label weight
+            ``pseudo_weight`` and their sum ``loss``.
         """
         if getattr(optim_wrapper, '_accumulative_counts', 1) != 1:
             raise ValueError('DACS does not support accumulative_counts > 1 in optim_wrapper')
