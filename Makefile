@@ -2,13 +2,16 @@
 PY := .venv/bin/python
 PYTEST := $(PY) -m pytest
 
-.PHONY: install demo test test-all lint format clean
+.PHONY: install demo demo-uda test test-all lint format clean
 
 install:
 	@bash tools/install.sh
 
 demo: install
 	@$(PY) tools/quickstart.py
+
+demo-uda: install
+	@$(PY) tools/uda_demo.py
 
 test: install lint
 	$(PYTEST) -q
