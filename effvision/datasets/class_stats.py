@@ -27,6 +27,7 @@ from pathlib import Path
 
 import numpy as np
 from mmengine import fileio
+from mmseg.datasets import BaseSegDataset, CityscapesDataset
 from PIL import Image
 
 SAMPLE_CLASS_STATS = 'sample_class_stats.json'
@@ -215,3 +216,26 @@ def require_label_maps(
             f'label map {seg_map} does not exist: the train-id maps are written by '
             f'`{converter}`; run it once on the dataset root'
         )
+
+
+class TrainIdDataset(BaseSegDataset):
+    """A source dataset whose label maps a converter turned into Cityscapes train ids.
+
+    Reads ``<name><img_suffix>`` images with ``<name>_labelTrainIds.png`` maps, Cityscapes' 19
+    classes and palette, and stops with the converter command (``CONVERTER``, formatted with the
+    data root) when the converted maps are missing.
+    """
+
+    METAINFO = CityscapesDataset.METAINFO
+    CONVERTER = ''
+
+    def __init__(
+        self, img_suffix: str = '.png', seg_map_suffix: str = TRAIN_ID_SUFFIX, **kwargs
+    ) -> None:
+        super().__init__(img_suffix=img_suffix, seg_map_suffix=seg_map_suffix, **kwargs)
+
+    def load_data_list(self) -> list[dict]:
+        data_list = super().load_data_list()
+        converter = self.CONVERTER.format(data_root=self.data_root or 'DATA_ROOT')
+        require_label_maps(data_list, converter, self.backend_args)
+        return data_list

@@ -12,12 +12,11 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
-from mmseg.datasets import BaseSegDataset, CityscapesDataset
 from PIL import Image
 
 from effvision.registry import DATASETS
 
-from .class_stats import TRAIN_ID_SUFFIX, convert_label_maps, require_label_maps, write_class_stats
+from .class_stats import TrainIdDataset, convert_label_maps, write_class_stats
 
 # Cityscapes label id -> train id (cityscapesScripts' table; ids without a train id -> 255).
 GTA5_ID_TO_TRAIN_ID = {
@@ -63,7 +62,7 @@ def convert_gta5(
 
 
 @DATASETS.register_module()
-class GTA5Dataset(BaseSegDataset):
+class GTA5Dataset(TrainIdDataset):
     """GTA5 images with Cityscapes' 19 classes and palette.
 
     Layout (``data_prefix=dict(img_path='images', seg_map_path='labels')``)::
@@ -75,19 +74,8 @@ class GTA5Dataset(BaseSegDataset):
     Args:
         img_suffix: Suffix of the images.
         seg_map_suffix: Suffix of the converted label maps.
-        **kwargs: Passed to :class:`mmseg.datasets.BaseSegDataset`.
+        **kwargs: Passed to :class:`~effvision.datasets.class_stats.TrainIdDataset` (and
+            mmseg's ``BaseSegDataset``).
     """
 
-    METAINFO = CityscapesDataset.METAINFO
     CONVERTER = 'python tools/dataset_converters/gta.py {data_root}'
-
-    def __init__(
-        self, img_suffix: str = '.png', seg_map_suffix: str = TRAIN_ID_SUFFIX, **kwargs
-    ) -> None:
-        super().__init__(img_suffix=img_suffix, seg_map_suffix=seg_map_suffix, **kwargs)
-
-    def load_data_list(self) -> list[dict]:
-        data_list = super().load_data_list()
-        converter = self.CONVERTER.format(data_root=self.data_root or 'DATA_ROOT')
-        require_label_maps(data_list, converter, self.backend_args)
-        return data_list

@@ -15,11 +15,10 @@ from pathlib import Path
 
 import cv2
 import numpy as np
-from mmseg.datasets import BaseSegDataset, CityscapesDataset
 
 from effvision.registry import DATASETS
 
-from .class_stats import TRAIN_ID_SUFFIX, convert_label_maps, require_label_maps, write_class_stats
+from .class_stats import TrainIdDataset, convert_label_maps, write_class_stats
 
 # SYNTHIA class id -> Cityscapes train id, per the official converter (itself after SYNTHIA's
 # README). SYNTHIA never uses 16 (terrain), 18 (truck) or 20 (train); kept for completeness.
@@ -75,7 +74,7 @@ def convert_synthia(
 
 
 @DATASETS.register_module()
-class SynthiaDataset(BaseSegDataset):
+class SynthiaDataset(TrainIdDataset):
     """SYNTHIA-RAND-CITYSCAPES images with Cityscapes' 19 classes and palette.
 
     Layout (``data_prefix=dict(img_path='RGB', seg_map_path='GT/LABELS')``)::
@@ -89,19 +88,8 @@ class SynthiaDataset(BaseSegDataset):
     Args:
         img_suffix: Suffix of the images.
         seg_map_suffix: Suffix of the converted label maps.
-        **kwargs: Passed to :class:`mmseg.datasets.BaseSegDataset`.
+        **kwargs: Passed to :class:`~effvision.datasets.class_stats.TrainIdDataset` (and
+            mmseg's ``BaseSegDataset``).
     """
 
-    METAINFO = CityscapesDataset.METAINFO
     CONVERTER = 'python tools/dataset_converters/synthia.py {data_root}'
-
-    def __init__(
-        self, img_suffix: str = '.png', seg_map_suffix: str = TRAIN_ID_SUFFIX, **kwargs
-    ) -> None:
-        super().__init__(img_suffix=img_suffix, seg_map_suffix=seg_map_suffix, **kwargs)
-
-    def load_data_list(self) -> list[dict]:
-        data_list = super().load_data_list()
-        converter = self.CONVERTER.format(data_root=self.data_root or 'DATA_ROOT')
-        require_label_maps(data_list, converter, self.backend_args)
-        return data_list
