@@ -34,14 +34,14 @@ def is_detection(cfg: Config) -> bool:
     return cfg.default_scope == 'mmdet'
 
 
-@pytest.fixture(scope='module')
-def seg_batch(shapes_root):
+def _shapes_batch(root: Path, split: str) -> dict:
+    """The first two images of a split of the synthetic set, packed and collated."""
     register_all_modules()
     dataset = DATASETS.build(
         dict(
             type='ShapesDataset',
-            data_root=str(shapes_root),
-            data_prefix=dict(img_path='images/training', seg_map_path='annotations/training'),
+            data_root=str(root),
+            data_prefix=dict(img_path=f'images/{split}', seg_map_path=f'annotations/{split}'),
             pipeline=[
                 dict(type='LoadImageFromFile'),
                 dict(type='LoadAnnotations'),
@@ -51,6 +51,11 @@ def seg_batch(shapes_root):
         )
     )
     return pseudo_collate([dataset[0], dataset[1]])
+
+
+@pytest.fixture(scope='module')
+def seg_batch(shapes_root):
+    return _shapes_batch(shapes_root, 'training')
 
 
 @pytest.fixture(scope='module')
@@ -82,21 +87,7 @@ def det_batch(shapes_root):
 @pytest.fixture(scope='module')
 def uda_batch(seg_batch, shapes_root):
     """Labelled source images paired with two other images as the unlabelled target."""
-    register_all_modules()
-    dataset = DATASETS.build(
-        dict(
-            type='ShapesDataset',
-            data_root=str(shapes_root),
-            data_prefix=dict(img_path='images/validation', seg_map_path='annotations/validation'),
-            pipeline=[
-                dict(type='LoadImageFromFile'),
-                dict(type='LoadAnnotations'),
-                dict(type='Resize', scale=SIZE, keep_ratio=False),
-                dict(type='PackSegInputs'),
-            ],
-        )
-    )
-    target = pseudo_collate([dataset[0], dataset[1]])
+    target = _shapes_batch(shapes_root, 'validation')
     return dict(
         seg_batch, target_inputs=target['inputs'], target_data_samples=target['data_samples']
     )
