@@ -3,6 +3,13 @@
 from .gta import GTA5Dataset
 from .shapes import ShapesDataset
 from .synthia import SynthiaDataset
+from .transforms import LoadCocoPanopticAnnotations
 from .uda import UDADataset
 
-__all__ = ['GTA5Dataset', 'ShapesDataset', 'SynthiaDataset', 'UDADataset']
+__all__ = [
+    'GTA5Dataset',
+    'LoadCocoPanopticAnnotations',
+    'ShapesDataset',
+    'SynthiaDataset',
+    'UDADataset',
+]

@@ -39,8 +39,10 @@ Conventions:
   (``reduce_zero_label=False``); ``IGNORE_INDEX`` (255) is reserved for "ignore" but never written,
   because the stuff classes cover every pixel.
 * COCO category ids are ``class id + 1`` in both JSON files (COCO ids start at 1, and the panoptic
-  format reserves segment id 0 for VOID). Image ids are ``index + 1``; file stems carry the 0-based
-  index (``train_000000.png`` has image id 1).
+  format reserves segment id 0 for VOID). The category lists put the things first, so mmdet's
+  panoptic datasets (which number classes in that order) give things the labels below stuff.
+  Image ids are ``index + 1``; file stems carry the 0-based index (``train_000000.png`` has image
+  id 1).
 * Panoptic segment ids: a stuff segment's id is its category id; a thing segment's id is
   ``category id * 1000 + n`` with ``n`` its 1-based position in the image's instance list.
   PNGs encode ``id = R + 256 * G + 256**2 * B``.
@@ -70,7 +72,7 @@ import cv2
 import numpy as np
 from pycocotools import mask as mask_utils
 
-GENERATOR_VERSION = '1.0'
+GENERATOR_VERSION = '1.1'  # 1.1: COCO category lists put the things first
 
 STUFF_CLASSES = ('sky', 'building', 'vegetation', 'road')
 THING_CLASSES = ('car', 'person', 'traffic sign', 'ball', 'cone')
@@ -904,15 +906,17 @@ def _id_to_rgb(ids: np.ndarray) -> np.ndarray:
 
 
 def _categories(things_only: bool) -> list[dict]:
+    # Things first: mmdet numbers the classes of a COCO JSON in its category order, and its
+    # panoptic heads need thing labels below stuff labels. Ids stay class id + 1.
     return [
         {
             'id': class_id + 1,
-            'name': name,
+            'name': CLASSES[class_id],
             'supercategory': 'thing' if class_id in THING_IDS else 'stuff',
             'isthing': int(class_id in THING_IDS),
             'color': list(PALETTE[class_id]),
         }
-        for class_id, name in enumerate(CLASSES)
+        for class_id in (*THING_IDS, *STUFF_IDS)
         if not things_only or class_id in THING_IDS
     ]
 

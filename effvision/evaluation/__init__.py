@@ -1,5 +1,6 @@
-"""Evaluation metrics mmseg lacks."""
+"""Evaluation metrics mmseg and mmdet lack (or that need packages the registry does not have)."""
 
-from .metrics import SubsetIoUMetric
+from .metrics import DetSemSegIoUMetric, SubsetIoUMetric
+from .panoptic_metric import PanopticQualityMetric
 
-__all__ = ['SubsetIoUMetric']
+__all__ = ['DetSemSegIoUMetric', 'PanopticQualityMetric', 'SubsetIoUMetric']

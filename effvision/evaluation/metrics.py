@@ -1,8 +1,12 @@
-"""Segmentation metrics mmseg lacks: mean IoU over named class subsets.
+"""Segmentation metrics mmseg lacks: mean IoU over named class subsets, and on mmdet samples.
 
 UDA from SYNTHIA to Cityscapes reports mIoU over the 16 classes SYNTHIA labels and over 13 of
 them (``effvision.datasets.synthia.SYNTHIA_CLASS_SUBSETS``) besides the 19-class mIoU; the
 official DAFormer code only prints the 19-class value and converts by hand (README).
+
+A panoptic model (mmdet data samples) also predicts a semantic map; mmdet stores label maps in the
+``sem_seg`` field of its ``PixelData`` where mmseg uses ``data``, so ``IoUMetric`` cannot read them:
+:class:`DetSemSegIoUMetric` can.
 """
 
 from __future__ import annotations
@@ -96,3 +100,39 @@ class SubsetIoUMetric(IoUMetric):
                 metrics[name] = float(np.round(np.nanmean(iou[list(ids)]) * 100, 2))
             print_log(f'{name} ({len(ids)} classes): {metrics[name]}', logger='current')
         return metrics
+
+
+@METRICS.register_module()
+class DetSemSegIoUMetric(IoUMetric):
+    """mmseg's :class:`~mmseg.evaluation.IoUMetric` on mmdet data samples.
+
+    mmdet's ``PackDetInputs`` stores the ground-truth label map as ``gt_sem_seg.sem_seg`` and
+    mmdet-style models set ``pred_sem_seg.sem_seg``; mmseg reads ``.data``. Both layouts are
+    accepted, so the same metric serves a panoptic model's semantic output, e.g.::
+
+        val_evaluator = [
+            dict(type='effvision.PanopticQualityMetric'),
+            dict(type='effvision.DetSemSegIoUMetric', iou_metrics=['mIoU']),
+        ]
+
+    Class names come from the dataset's ``classes`` (things first for mmdet's panoptic sets).
+    """
+
+    def process(self, data_batch: dict, data_samples: Sequence[dict]) -> None:
+        """Renames ``sem_seg`` label maps to ``data``, then runs ``IoUMetric.process``."""
+        renamed = []
+        for sample in data_samples:
+            sample = dict(sample)
+            for key in ('pred_sem_seg', 'gt_sem_seg'):
+                if key not in sample:
+                    if key == 'pred_sem_seg':
+                        raise KeyError(
+                            'DetSemSegIoUMetric needs pred_sem_seg in the predictions; enable '
+                            'semantic output in the model (test_cfg.semantic_on=True)'
+                        )
+                    continue
+                field = sample[key]
+                if 'data' not in field and 'sem_seg' in field:
+                    sample[key] = {**field, 'data': field['sem_seg']}
+            renamed.append(sample)
+        super().process(data_batch, renamed)

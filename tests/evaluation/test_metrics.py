@@ -119,3 +119,30 @@ def test_subset_beyond_the_dataset_classes():
     label = np.zeros((2, 2), np.int64)
     with pytest.raises(ValueError, match='names class id 7, but the dataset has 5 classes'):
         evaluate(metric, [label], [label])
+
+
+def test_det_sem_seg_iou_metric_reads_mmdet_label_maps():
+    """mmdet samples keep label maps in ``sem_seg``; the result equals IoUMetric on ``data``."""
+    from effvision.evaluation.metrics import DetSemSegIoUMetric
+
+    rng = np.random.default_rng(0)
+    preds = [rng.integers(0, 5, (6, 7)) for _ in range(3)]
+    labels = [rng.integers(0, 5, (6, 7)) for _ in range(3)]
+    labels[0][0, :3] = 255
+    det = DetSemSegIoUMetric(iou_metrics=['mIoU'])
+    seg = METRICS.build(dict(type='IoUMetric', iou_metrics=['mIoU']))
+    for metric in (det, seg):
+        metric.dataset_meta = dict(classes=CLASSES)
+    det.process({}, [
+        dict(
+            pred_sem_seg=dict(sem_seg=torch.from_numpy(p)[None]),
+            gt_sem_seg=dict(sem_seg=torch.from_numpy(g)[None]),
+        )
+        for p, g in zip(preds, labels)
+    ])  # fmt: skip
+    seg.process({}, [sample(p, g) for p, g in zip(preds, labels)])
+    assert det.compute_metrics(det.results) == seg.compute_metrics(seg.results)
+    expected = np.nanmean(hand_iou(preds, labels, len(CLASSES))) * 100
+    assert det.compute_metrics(det.results)['mIoU'] == pytest.approx(expected, abs=0.01)
+    with pytest.raises(KeyError, match='semantic_on'):
+        det.process({}, [dict(gt_sem_seg=dict(sem_seg=torch.zeros(1, 2, 2)))])
