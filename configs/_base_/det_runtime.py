@@ -1,7 +1,6 @@
-# Runtime of mmdet configs. Detection models are built in mmdet's scope; effvision backbones are
-# reached as `effvision.<Name>` (importing effvision.models registers them, also for mmdet's tools).
-default_scope = 'mmdet'
-custom_imports = dict(imports=['effvision.models'], allow_failed_imports=False)
+# Runtime of mmdet configs trained by epochs (mmdet's schedules have no hooks): the iteration
+# runtime plus mmdet's default hooks.
+_base_ = ['./det_runtime_iter.py']
 default_hooks = dict(
     timer=dict(type='IterTimerHook'),
     logger=dict(type='LoggerHook', interval=50),
@@ -10,14 +9,4 @@ default_hooks = dict(
     sampler_seed=dict(type='DistSamplerSeedHook'),
     visualization=dict(type='DetVisualizationHook'),
 )
-env_cfg = dict(
-    cudnn_benchmark=False,
-    mp_cfg=dict(mp_start_method='fork', opencv_num_threads=0),
-    dist_cfg=dict(backend='nccl'),
-)
-vis_backends = [dict(type='LocalVisBackend')]
-visualizer = dict(type='DetLocalVisualizer', vis_backends=vis_backends, name='visualizer')
-log_processor = dict(type='LogProcessor', window_size=50, by_epoch=True)
-log_level = 'INFO'
-load_from = None
-resume = False
+log_processor = dict(by_epoch=True)

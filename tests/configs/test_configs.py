@@ -27,6 +27,9 @@ def test_configs_are_collected():
 
 
 THING_CLASSES = ('car', 'person', 'traffic sign', 'ball', 'cone')
+STUFF_CLASSES = ('sky', 'building', 'vegetation', 'road')
+# Published baselines use ResNet-50 from mmseg/mmdet; everything else is an effvision backbone.
+UPSTREAM_BACKBONES = ('ResNet',)
 
 
 def is_detection(cfg: Config) -> bool:
@@ -85,6 +88,43 @@ def det_batch(shapes_root):
 
 
 @pytest.fixture(scope='module')
+def pan_batch(shapes_root):
+    """Two synthetic images with COCO panoptic annotations (things first), packed by mmdet."""
+    from mmdet.registry import DATASETS as MMDET_DATASETS
+
+    register_all_modules()
+    with DefaultScope.overwrite_default_scope('mmdet'):
+        dataset = MMDET_DATASETS.build(
+            dict(
+                type='CocoPanopticDataset',
+                data_root=str(shapes_root),
+                ann_file='annotations/panoptic_training.json',
+                data_prefix=dict(img='images/training/', seg='annotations/panoptic_training/'),
+                metainfo=dict(classes=THING_CLASSES + STUFF_CLASSES),
+                pipeline=[
+                    dict(type='LoadImageFromFile'),
+                    dict(type='effvision.LoadCocoPanopticAnnotations'),
+                    dict(type='Resize', scale=SIZE, keep_ratio=False),
+                    dict(type='PackDetInputs'),
+                ],
+            )
+        )
+        return pseudo_collate([dataset[0], dataset[1]])
+
+
+def is_panoptic(cfg: Config) -> bool:
+    """A mask-classification model trained on panoptic data (mmdet)."""
+    return cfg.model.type == 'effvision.PanopticMaskClassifier'
+
+
+def _shrink_fixed_padding(cfg: Config) -> None:
+    """Fixed-size padding of published canvases (640, 1281, ...) shrinks to the test size."""
+    for augment in cfg.model.data_preprocessor.get('batch_augments') or []:
+        if 'size' in augment:
+            augment.size = SIZE
+
+
+@pytest.fixture(scope='module')
 def uda_batch(seg_batch, shapes_root):
     """Labelled source images paired with two other images as the unlabelled target."""
     target = _shapes_batch(shapes_root, 'validation')
@@ -106,10 +146,12 @@ def test_config_trains_and_predicts(path: Path, request):
     segmentor.backbone.init_cfg = None  # published weights cannot be downloaded in tests
     register_all_modules()
     detection = is_detection(cfg)
+    backbone = cfg.model.backbone.type
+    assert backbone.startswith('effvision.') or backbone in UPSTREAM_BACKBONES or not detection
     if detection:
-        assert cfg.model.backbone.type.startswith('effvision.')
         import_modules_from_strings(**cfg.custom_imports)
-        batch = request.getfixturevalue('det_batch')
+        _shrink_fixed_padding(cfg)
+        batch = request.getfixturevalue('pan_batch' if is_panoptic(cfg) else 'det_batch')
     else:
         cfg.model.data_preprocessor.size = SIZE
         batch = request.getfixturevalue('uda_batch' if is_uda(cfg) else 'seg_batch')
@@ -127,7 +169,10 @@ def test_config_trains_and_predicts(path: Path, request):
         with torch.no_grad():
             predictions = model.val_step(batch)
     assert len(predictions) == 2
-    if detection:
+    if detection and is_panoptic(cfg):
+        assert predictions[0].pred_panoptic_seg.sem_seg.shape[-2:] == SIZE
+        assert predictions[0].pred_sem_seg.sem_seg.shape[-2:] == SIZE
+    elif detection:
         assert {'bboxes', 'scores', 'labels', 'masks'} <= set(predictions[0].pred_instances.keys())
     else:
         assert predictions[0].pred_sem_seg.data.shape[-2:] == SIZE
