@@ -1,5 +1,6 @@
 from .daformer_head import DAFormerHead, SegFormerAdapter
+from .kmax_head import KMaXHead
 from .mask_classification import MaskClassificationHead
 from .pem_head import PEMHead
 
-__all__ = ['DAFormerHead', 'MaskClassificationHead', 'PEMHead', 'SegFormerAdapter']
+__all__ = ['DAFormerHead', 'KMaXHead', 'MaskClassificationHead', 'PEMHead', 'SegFormerAdapter']
