@@ -1,1 +1,5 @@
+"""Training-loop pieces mmengine lacks."""
 
+from .schedulers import DeepLabPolyLR
+
+__all__ = ['DeepLabPolyLR']

@@ -1,5 +1,5 @@
 from .backbones import *  # noqa: F401,F403
-from .data_preprocessor import UDADataPreProcessor  # noqa: F401
+from .data_preprocessor import CanvasDetDataPreprocessor, UDADataPreProcessor  # noqa: F401
 from .decode_heads import *  # noqa: F401,F403
 from .losses import *  # noqa: F401,F403
 from .segmentors import *  # noqa: F401,F403

@@ -119,9 +119,12 @@ def is_panoptic(cfg: Config) -> bool:
 
 def _shrink_fixed_padding(cfg: Config) -> None:
     """Fixed-size padding of published canvases (640, 1281, ...) shrinks to the test size."""
-    for augment in cfg.model.data_preprocessor.get('batch_augments') or []:
+    preprocessor = cfg.model.data_preprocessor
+    for augment in preprocessor.get('batch_augments') or []:
         if 'size' in augment:
             augment.size = SIZE
+    if 'canvas' in preprocessor:  # kMaX-DeepLab pads every batch to its canvas
+        preprocessor.canvas = SIZE
 
 
 @pytest.fixture(scope='module')
