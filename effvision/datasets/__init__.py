@@ -1,7 +1,7 @@
 """Datasets and transforms that mmseg and mmdet lack."""
 
 from .gta import GTA5Dataset
-from .shapes import ShapesDataset
+from .shapes import ShapesDataset, ShapesPanopticDataset
 from .synthia import SynthiaDataset
 from .transforms import LoadCocoPanopticAnnotations
 from .uda import UDADataset
@@ -10,6 +10,7 @@ __all__ = [
     'GTA5Dataset',
     'LoadCocoPanopticAnnotations',
     'ShapesDataset',
+    'ShapesPanopticDataset',
     'SynthiaDataset',
     'UDADataset',
 ]

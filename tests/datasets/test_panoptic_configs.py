@@ -14,6 +14,7 @@ from pathlib import Path
 
 import cv2
 import numpy as np
+import pytest
 import torch
 from mmengine.config import Config
 from mmengine.evaluator import Evaluator
@@ -263,14 +264,14 @@ def test_shapes_panoptic(shapes_root):
         '(effvision/datasets/synthetic.py, _categories)'
     )
     cfg = load_config('shapes_panoptic', shapes_root)
-    meta = cfg.metainfo
+    train = build_dataset(cfg, 'train_dataloader')
+    val = build_dataset(cfg, 'val_dataloader')
+    meta = train.metainfo
     assert tuple(meta['classes']) == THING_CLASSES + STUFF_CLASSES
     assert tuple(meta['thing_classes']) == THING_CLASSES
     assert [tuple(c) for c in meta['palette']] == [
         PALETTE[CLASSES.index(c)] for c in meta['classes']
     ]
-    train = build_dataset(cfg, 'train_dataloader')
-    val = build_dataset(cfg, 'val_dataloader')
     assert (len(train), len(val)) == (8, 4)
     num_things = len(THING_CLASSES)
     np.random.seed(0)
@@ -296,3 +297,16 @@ def test_shapes_panoptic(shapes_root):
             assert label < num_things and (expected[mask] == label).all()
     metrics = evaluate_perfect(cfg, val)
     assert metrics['coco_panoptic/PQ'] == 100.0 and metrics['mIoU'] == 100.0
+
+
+def test_shapes_panoptic_refuses_a_stuff_first_set(shapes_root, tmp_path):
+    """A set written by generator 1.0 (stuff-first JSON) would train with wrong labels."""
+    import shutil
+
+    old = tmp_path / 'shapes'
+    shutil.copytree(shapes_root, old)
+    meta = json.loads((old / 'meta.json').read_text())
+    (old / 'meta.json').write_text(json.dumps({**meta, 'generator_version': '1.0'}))
+    cfg = load_config('shapes_panoptic', old)
+    with pytest.raises(ValueError, match='make_shapes.py --out .* --force'):
+        build_dataset(cfg, 'train_dataloader')

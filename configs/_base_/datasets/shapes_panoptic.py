@@ -5,20 +5,11 @@
 # and their PNGs. mmdet numbers the classes in the JSON's category order and wants thing labels
 # below stuff labels, so `classes` lists the five things first (labels 0-4), then the four stuff
 # classes (5-8): this is not the order of the semantic label maps (stuff first).
-dataset_type = 'CocoPanopticDataset'
+# effvision.ShapesPanopticDataset is mmdet's CocoPanopticDataset with this class order as its
+# METAINFO, and it refuses a set written by an older generator (stuff-first JSON).
+dataset_type = 'effvision.ShapesPanopticDataset'
 data_root = 'data/shapes/'
 crop_size = (128, 128)
-metainfo = dict(
-    classes=(
-        'car', 'person', 'traffic sign', 'ball', 'cone', 'sky', 'building', 'vegetation', 'road'
-    ),
-    thing_classes=('car', 'person', 'traffic sign', 'ball', 'cone'),
-    stuff_classes=('sky', 'building', 'vegetation', 'road'),
-    palette=[
-        (0, 0, 142), (220, 20, 60), (220, 220, 0), (0, 210, 210), (255, 120, 0),
-        (70, 130, 180), (70, 70, 70), (107, 142, 35), (128, 64, 128),
-    ],
-)  # fmt: skip
 train_pipeline = [
     dict(type='LoadImageFromFile'),
     dict(type='effvision.LoadCocoPanopticAnnotations'),
@@ -56,7 +47,6 @@ train_dataloader = dict(
     dataset=dict(
         type=dataset_type,
         data_root=data_root,
-        metainfo=metainfo,
         ann_file='annotations/panoptic_training.json',
         data_prefix=dict(img='images/training/', seg='annotations/panoptic_training/'),
         filter_cfg=dict(filter_empty_gt=True, min_size=32),
@@ -72,7 +62,6 @@ val_dataloader = dict(
     dataset=dict(
         type=dataset_type,
         data_root=data_root,
-        metainfo=metainfo,
         ann_file='annotations/panoptic_validation.json',
         data_prefix=dict(img='images/validation/', seg='annotations/panoptic_validation/'),
         test_mode=True,
