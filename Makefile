@@ -2,7 +2,7 @@
 PY := .venv/bin/python
 PYTEST := $(PY) -m pytest
 
-.PHONY: install demo demo-uda test test-all lint format clean
+.PHONY: install demo demo-uda demo-panoptic test test-all lint format clean
 
 install:
 	@bash tools/install.sh
@@ -12,6 +12,9 @@ demo: install
 
 demo-uda: install
 	@$(PY) tools/uda_demo.py
+
+demo-panoptic: install
+	@$(PY) tools/panoptic_demo.py
 
 test: install lint
 	$(PYTEST) -q

@@ -6,6 +6,14 @@ For each input ``<stem>.<ext>`` it writes, in ``--out-dir``:
   (``--opacity`` is the weight of the colours);
 * ``<stem>_label.png``: the class id of every pixel (uint8; uint16 for more than 256 classes).
 
+A panoptic model (kMaX-DeepLab, PEM with an mmdet config) also writes:
+
+* ``<stem>_panoptic.png``: every segment in its class colour (each thing instance a shade of it),
+  with white segment borders, blended over the image;
+* ``<stem>_panoptic_ids.png``: the segment ids in the COCO panoptic PNG encoding
+  (``id = R + 256 G + 256^2 B``) with mmdet's ids (stuff: class id; thing:
+  ``class id + 1000 * instance``; unassigned: the number of classes).
+
 Grayscale and RGBA images are converted to BGR. An unreadable image is reported on its line and
 skipped; the exit status is 1 if any image failed.
 
@@ -22,6 +30,7 @@ from pathlib import Path
 
 import numpy as np
 
+INSTANCE_OFFSET = 1000  # mmdet's panoptic id encoding: label + instance * 1000
 IMAGE_SUFFIXES = ('.jpg', '.jpeg', '.png', '.bmp', '.tif', '.tiff', '.webp')
 
 
@@ -49,7 +58,8 @@ def list_images(source: Path, out_dir: Path) -> list[Path]:
     files = sorted(p for p in source.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
     # A rerun with --out-dir inside the input folder must not segment its own outputs.
     if out_dir.resolve() == source.resolve():
-        files = [p for p in files if not p.stem.endswith(('_overlay', '_label'))]
+        outputs = ('_overlay', '_label', '_panoptic', '_panoptic_ids')
+        files = [p for p in files if not p.stem.endswith(outputs)]
     return files
 
 
@@ -63,6 +73,40 @@ def overlay(img: np.ndarray, labels: np.ndarray, palette: np.ndarray, opacity: f
     """Blends the coloured labels over a BGR image; ``opacity`` is the colours' weight."""
     blended = img.astype(np.float32) * (1 - opacity) + colorize(labels, palette) * opacity
     return np.clip(blended + 0.5, 0, 255).astype(np.uint8)
+
+
+def panoptic_colors(panoptic: np.ndarray, palette: np.ndarray, num_classes: int) -> np.ndarray:
+    """(H, W) mmdet panoptic ids -> (H, W, 3) uint8 BGR; instances are shades of their class."""
+    out = np.zeros((*panoptic.shape, 3), np.float32)
+    for segment in np.unique(panoptic):
+        label, instance = int(segment % INSTANCE_OFFSET), int(segment // INSTANCE_OFFSET)
+        if label >= num_classes:  # void stays black
+            continue
+        color = palette[label, ::-1].astype(np.float32)
+        if instance:  # spread instances of a class over darker and lighter shades
+            color = color * (0.55 + 0.9 * ((instance * 0.618034) % 1.0))
+        out[panoptic == segment] = color
+    return np.clip(out, 0, 255).astype(np.uint8)
+
+
+def panoptic_overlay(
+    img: np.ndarray, panoptic: np.ndarray, palette: np.ndarray, num_classes: int, opacity: float
+) -> np.ndarray:
+    """Blends the coloured segments over a BGR image and draws the segment borders in white."""
+    colors = panoptic_colors(panoptic, palette, num_classes).astype(np.float32)
+    blended = img.astype(np.float32) * (1 - opacity) + colors * opacity
+    border = np.zeros(panoptic.shape, bool)
+    border[:-1] |= panoptic[:-1] != panoptic[1:]
+    border[:, :-1] |= panoptic[:, :-1] != panoptic[:, 1:]
+    blended[border] = 255
+    return np.clip(blended + 0.5, 0, 255).astype(np.uint8)
+
+
+def ids_to_rgb(ids: np.ndarray) -> np.ndarray:
+    """(H, W) segment ids -> (H, W, 3) uint8 BGR of the COCO panoptic encoding (for cv2)."""
+    ids = ids.astype(np.uint32)
+    rgb = np.stack([ids % 256, ids // 256 % 256, ids // 65536 % 256], axis=-1)
+    return rgb[..., ::-1].astype(np.uint8)
 
 
 def full_palette(dataset_meta: dict, num_classes: int) -> np.ndarray:
@@ -93,13 +137,14 @@ def main(argv: list[str] | None = None) -> int:
     import cv2
 
     from effvision.apis import inference_model, init_model, read_image
+    from effvision.apis.inference import num_model_classes
     from effvision.utils import CheckpointError
 
     try:
         model = init_model(args.config, args.checkpoint, device=args.device)
     except CheckpointError as err:
         sys.exit(f'image_demo.py: error: {err}')
-    num_classes = int(model.decode_head.num_classes)
+    num_classes = num_model_classes(model)
     palette = full_palette(model.dataset_meta, num_classes)
     out_dir.mkdir(parents=True, exist_ok=True)
 
@@ -112,17 +157,30 @@ def main(argv: list[str] | None = None) -> int:
             failed += 1
             continue
         result = inference_model(model, img)
-        labels = result.pred_sem_seg.data[0].cpu().numpy()
+        sem_seg = result.pred_sem_seg
+        labels = (sem_seg.data if 'data' in sem_seg else sem_seg.sem_seg)[0].cpu().numpy()
         overlay_file = out_dir / f'{path.stem}_overlay.png'
         label_file = out_dir / f'{path.stem}_label.png'
         cv2.imwrite(str(overlay_file), overlay(img, labels, palette, args.opacity))
         cv2.imwrite(str(label_file), labels.astype(np.uint8 if num_classes <= 256 else np.uint16))
+        written = f'{overlay_file}, {label_file}'
+        if 'pred_panoptic_seg' in result:
+            panoptic = result.pred_panoptic_seg.sem_seg[0].cpu().numpy()
+            panoptic_file = out_dir / f'{path.stem}_panoptic.png'
+            ids_file = out_dir / f'{path.stem}_panoptic_ids.png'
+            cv2.imwrite(
+                str(panoptic_file),
+                panoptic_overlay(img, panoptic, palette, num_classes, args.opacity),
+            )
+            cv2.imwrite(str(ids_file), ids_to_rgb(panoptic))
+            things = int(np.sum(np.unique(panoptic) >= INSTANCE_OFFSET))
+            written += f', {panoptic_file} ({things} instances), {ids_file}'
         present = np.unique(labels)
         names = model.dataset_meta['classes']
         shown = ', '.join(str(names[i]) if i < len(names) else str(i) for i in present[:6])
         more = f', +{len(present) - 6} more' if len(present) > 6 else ''
         print(
-            f'{path} ({img.shape[1]}x{img.shape[0]}) -> {overlay_file}, {label_file} '
+            f'{path} ({img.shape[1]}x{img.shape[0]}) -> {written} '
             f'[{len(present)} classes: {shown}{more}]'
         )
     return 1 if failed else 0

@@ -176,7 +176,8 @@ def init_model(
         config.merge_from_dict(cfg_options)
 
     # No pretrained-backbone download at inference: the checkpoint (or nothing) provides weights.
-    config.model.pretrained = None
+    if 'pretrained' in config.model:  # mmseg segmentors; mmdet detectors have no such argument
+        config.model.pretrained = None
     config.model.train_cfg = None
     if isinstance(config.model.get('backbone'), dict):
         config.model.backbone.init_cfg = None
@@ -198,7 +199,7 @@ def init_model(
             )
         _load_exactly(model, extract_state_dict(ckpt), os.fspath(checkpoint))
         dataset_meta = (ckpt.get('meta') or {}).get('dataset_meta')
-    num_classes = getattr(getattr(model, 'decode_head', None), 'num_classes', 0)
+    num_classes = num_model_classes(model)
     if not dataset_meta or 'classes' not in dataset_meta:
         dataset_meta = _dataset_meta_from_config(config, num_classes)
     elif not dataset_meta.get('palette'):
@@ -212,6 +213,15 @@ def init_model(
     model.to(device)
     model.eval()
     return model
+
+
+def num_model_classes(model: nn.Module) -> int:
+    """Classes of a segmentor (``decode_head``) or a panoptic detector (``panoptic_head``)."""
+    for name in ('decode_head', 'panoptic_head'):
+        head = getattr(model, name, None)
+        if head is not None:
+            return int(head.num_classes)
+    return 0
 
 
 def _load_exactly(model: nn.Module, state: dict, name: str) -> None:
@@ -243,7 +253,9 @@ def _test_pipeline(cfg: Config) -> Compose:
     """The config's test pipeline, loading from an in-memory array and without annotations."""
     from mmengine.dataset import Compose
 
-    pipeline = [copy.deepcopy(t) for t in cfg.test_pipeline if t.get('type') != 'LoadAnnotations']
+    pipeline = [
+        copy.deepcopy(t) for t in cfg.test_pipeline if 'Annotations' not in str(t.get('type', ''))
+    ]
     if not pipeline or 'LoadImage' not in str(pipeline[0].get('type', '')):
         raise ValueError(
             'the config test_pipeline must start with a LoadImage* transform, got '
@@ -267,6 +279,10 @@ def inference_model(
     Returns:
         SegDataSample or list[SegDataSample]: For each image, ``pred_sem_seg`` (1, H, W) class ids
         and ``seg_logits`` (C, H, W), at the original image size. A list iff ``img`` is a list.
+        A panoptic model (mmdet config) returns mmdet ``DetDataSample`` s with
+        ``pred_panoptic_seg`` (1, H, W) in mmdet's encoding (stuff: label; thing:
+        ``label + instance * 1000``; void: ``num_classes``) and ``pred_sem_seg`` (1, H, W) class
+        ids, both stored as ``sem_seg``.
 
     Raises:
         FileNotFoundError, ImageReadError: An image cannot be read.
