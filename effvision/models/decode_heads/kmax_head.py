@@ -1311,13 +1311,7 @@ class KMaXHead(MaskClassificationHead):
         )
         self.pixel_decoder = network.pixel_decoder
         self.transformer_decoder = network.transformer_decoder
-        loss = dict(loss or dict(type='effvision.KMaXCriterion'))
-        loss.setdefault('num_classes', num_classes)
-        if loss['num_classes'] != num_classes:
-            raise ValueError(
-                f'loss.num_classes ({loss["num_classes"]}) differs from the head ({num_classes})'
-            )
-        self.criterion = MODELS.build(loss)
+        self.build_criterion(loss or dict(type='effvision.KMaXCriterion'))
 
     def init_weights(self) -> None:
         """The official initialisation, or ``init_cfg`` (e.g. ``Pretrained``) when given."""

@@ -30,6 +30,8 @@ import torch.nn.functional as F
 from mmengine.model import BaseModule
 from torch import Tensor
 
+from effvision.registry import MODELS
+
 # mmdet's panoptic id encoding (mmdet.evaluation.functional.INSTANCE_OFFSET); kept as a constant so
 # this module imports without mmdet.
 INSTANCE_OFFSET = 1000
@@ -253,6 +255,17 @@ class MaskClassificationHead(BaseModule):
         self.in_index = None if in_index is None else list(in_index)
         self.train_cfg = train_cfg
         self.test_cfg = test_cfg
+
+    def build_criterion(self, loss: dict) -> None:
+        """Builds ``self.criterion`` from ``loss``, filling in (or checking) ``num_classes``."""
+        loss = dict(loss)
+        loss.setdefault('num_classes', self.num_classes)
+        if loss['num_classes'] != self.num_classes:
+            raise ValueError(
+                f'loss.num_classes ({loss["num_classes"]}) differs from the head '
+                f'({self.num_classes})'
+            )
+        self.criterion = MODELS.build(loss)
 
     # ----------------------------------------------------------------------------------- inputs
     def select_inputs(self, inputs: list[Tensor] | tuple[Tensor, ...]) -> list[Tensor]:

@@ -1005,13 +1005,7 @@ class PEMHead(MaskClassificationHead):
         net = PEMNetwork(in_channels, num_classes, norm_cfg=norm_cfg, **dict(network or {}))
         self.pixel_decoder = net.pixel_decoder
         self.predictor = net.predictor
-        loss = dict(loss or dict(type='Mask2FormerCriterion'))
-        loss.setdefault('num_classes', num_classes)
-        if loss['num_classes'] != num_classes:
-            raise ValueError(
-                f'loss.num_classes ({loss["num_classes"]}) differs from the head ({num_classes})'
-            )
-        self.criterion = MODELS.build(loss)
+        self.build_criterion(loss or dict(type='effvision.Mask2FormerCriterion'))
 
     def forward(self, inputs: Sequence[torch.Tensor]) -> dict:
         """Class and mask logits of every decoder layer.

@@ -24,7 +24,7 @@ import torch.nn.functional as F
 
 from effvision.registry import MODELS
 
-from .matching import hungarian_match, query_index
+from .matching import check_prediction, hungarian_match, query_index
 
 # deeplab2's "-inf" for masked softmax logits: finite, so Gumbel noise still orders the masked
 # pixels among themselves when there are fewer unmasked pixels than samples.
@@ -329,7 +329,7 @@ class KMaXCriterion(nn.Module):
             for the final output and ``d{i}.loss_cls`` ... for ``aux_outputs[i]``, each already
             weighted; terms with weight 0 are left out.
         """
-        logits, masks = self._check_output(outputs, 'outputs')
+        logits, masks = self._checked(outputs, 'outputs')
         # The losses are defined in float32 (the official code casts and leaves autocast).
         with torch.autocast(device_type=logits.device.type, enabled=False):
             return self._forward(outputs, targets, logits, masks)
@@ -349,7 +349,7 @@ class KMaXCriterion(nn.Module):
                 outputs, semantic, assignment
             )
         for i, aux in enumerate(outputs.get('aux_outputs', [])):
-            aux_logits, aux_masks = self._check_output(aux, f'aux_outputs[{i}]')
+            aux_logits, aux_masks = self._checked(aux, f'aux_outputs[{i}]')
             if aux_masks.shape != masks.shape or aux_logits.shape != logits.shape:
                 raise ValueError(
                     f'aux_outputs[{i}] has logits {tuple(aux_logits.shape)} and masks '
@@ -361,22 +361,9 @@ class KMaXCriterion(nn.Module):
             losses.update(self._output_losses(aux, aux_logits, aux_masks, assignment, f'd{i}.'))
         return losses
 
-    def _check_output(self, output: dict, name: str) -> tuple[torch.Tensor, torch.Tensor]:
-        for key in ('pred_logits', 'pred_masks'):
-            if key not in output:
-                raise KeyError(f'{name} has no {key!r} (keys: {sorted(output)})')
-        logits, masks = _float(output['pred_logits']), _float(output['pred_masks'])
-        if logits.dim() != 3 or logits.shape[-1] != self.num_classes + 1:
-            raise ValueError(
-                f'{name}["pred_logits"] must be (B, Q, num_classes + 1 = '
-                f'{self.num_classes + 1}), got {tuple(logits.shape)}'
-            )
-        if masks.dim() != 4 or masks.shape[:2] != logits.shape[:2]:
-            raise ValueError(
-                f'{name}["pred_masks"] must be (B, Q, h, w) with B, Q of pred_logits '
-                f'{tuple(logits.shape[:2])}, got {tuple(masks.shape)}'
-            )
-        return logits, masks
+    def _checked(self, output: dict, name: str) -> tuple[torch.Tensor, torch.Tensor]:
+        logits, masks = check_prediction(output, name, self.num_classes)
+        return _float(logits), _float(masks)
 
     def _prepare_targets(
         self, targets: list[dict], size: tuple[int, int], device: torch.device

@@ -24,7 +24,7 @@ from mmengine.dist import all_reduce
 
 from effvision.registry import MODELS
 
-from .matching import MatchIndices, hungarian_match, query_index
+from .matching import MatchIndices, check_prediction, hungarian_match, query_index
 
 
 def point_sigmoid_ce_cost(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
@@ -132,7 +132,7 @@ class Mask2FormerCriterion(nn.Module):
             ``loss_cls``, ``loss_mask``, ``loss_dice`` for the final output and
             ``d{i}.loss_cls`` ... for ``aux_outputs[i]``, each already weighted.
         """
-        logits, masks = self._check_output(outputs, 'outputs')
+        logits, masks = check_prediction(outputs, 'outputs', self.num_classes)
         if len(targets) != logits.shape[0]:
             raise ValueError(f'got {len(targets)} target dicts for a batch of {logits.shape[0]}')
         labels, gt_masks, padded_masks = self._prepare_targets(targets, logits.device)
@@ -147,28 +147,11 @@ class Mask2FormerCriterion(nn.Module):
         with torch.autocast(device_type=logits.device.type, enabled=False):
             losses = self._output_losses(logits, masks, *target, num_masks, '')
             for i, aux in enumerate(outputs.get('aux_outputs', [])):
-                aux_logits, aux_masks = self._check_output(aux, f'aux_outputs[{i}]')
+                aux_logits, aux_masks = check_prediction(aux, f'aux_outputs[{i}]', self.num_classes)
                 losses.update(
                     self._output_losses(aux_logits, aux_masks, *target, num_masks, f'd{i}.')
                 )
         return losses
-
-    def _check_output(self, output: dict, name: str) -> tuple[torch.Tensor, torch.Tensor]:
-        for key in ('pred_logits', 'pred_masks'):
-            if key not in output:
-                raise KeyError(f'{name} has no {key!r} (keys: {sorted(output)})')
-        logits, masks = output['pred_logits'], output['pred_masks']
-        if logits.dim() != 3 or logits.shape[-1] != self.num_classes + 1:
-            raise ValueError(
-                f'{name}["pred_logits"] must be (B, Q, num_classes + 1 = '
-                f'{self.num_classes + 1}), got {tuple(logits.shape)}'
-            )
-        if masks.dim() != 4 or masks.shape[:2] != logits.shape[:2]:
-            raise ValueError(
-                f'{name}["pred_masks"] must be (B, Q, h, w) with B, Q of pred_logits '
-                f'{tuple(logits.shape[:2])}, got {tuple(masks.shape)}'
-            )
-        return logits, masks
 
     def _prepare_targets(
         self, targets: list[dict], device: torch.device

@@ -3,7 +3,8 @@
 The assignment itself is scipy's ``linear_sum_assignment`` (the Hungarian method, as DETR,
 Mask2Former, kMaX-DeepLab and PEM use it), run per image on a (queries, targets) cost matrix that
 the caller builds. Each criterion defines its own cost; this module only solves it and turns the
-per-image answers into the flat indices that gather matched predictions and targets.
+per-image answers into the flat indices that gather matched predictions and targets. It also
+checks the shape of a prediction dict, which every criterion reads the same way.
 """
 
 from __future__ import annotations
@@ -63,3 +64,29 @@ def target_index(indices: Sequence[MatchIndices]) -> tuple[torch.Tensor, torch.T
 def _flat_index(per_image: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
     batch = torch.cat([torch.full_like(idx, i) for i, idx in enumerate(per_image)])
     return batch, torch.cat(per_image)
+
+
+def check_prediction(
+    output: dict, name: str, num_classes: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``pred_logits`` (B, Q, K+1) and ``pred_masks`` (B, Q, h, w) of one prediction dict.
+
+    Raises:
+        KeyError: A key is missing.
+        ValueError: A shape does not fit ``num_classes`` or the other tensor.
+    """
+    for key in ('pred_logits', 'pred_masks'):
+        if key not in output:
+            raise KeyError(f'{name} has no {key!r} (keys: {sorted(output)})')
+    logits, masks = output['pred_logits'], output['pred_masks']
+    if logits.dim() != 3 or logits.shape[-1] != num_classes + 1:
+        raise ValueError(
+            f'{name}["pred_logits"] must be (B, Q, num_classes + 1 = {num_classes + 1}), got '
+            f'{tuple(logits.shape)}'
+        )
+    if masks.dim() != 4 or masks.shape[:2] != logits.shape[:2]:
+        raise ValueError(
+            f'{name}["pred_masks"] must be (B, Q, h, w) with B, Q of pred_logits '
+            f'{tuple(logits.shape[:2])}, got {tuple(masks.shape)}'
+        )
+    return logits, masks
