@@ -24,7 +24,7 @@ import torch.nn.functional as F
 
 from effvision.registry import MODELS
 
-from .matching import check_prediction, hungarian_match, query_index
+from .matching import check_prediction, check_target, hungarian_match, query_index
 
 # deeplab2's "-inf" for masked softmax logits: finite, so Gumbel noise still orders the masked
 # pixels among themselves when there are fewer unmasked pixels than samples.
@@ -371,17 +371,7 @@ class KMaXCriterion(nn.Module):
         """Labels, (N, h*w) float masks and the (B, h, w) semantic map at the prediction size."""
         labels, masks, semantics = [], [], []
         for i, target in enumerate(targets):
-            gt_masks, gt_labels = target['masks'], target['labels']
-            if gt_masks.dim() != 3 or gt_labels.shape != gt_masks.shape[:1]:
-                raise ValueError(
-                    f'targets[{i}]: masks must be (N, H, W) and labels (N,), got '
-                    f'{tuple(gt_masks.shape)} and {tuple(gt_labels.shape)}'
-                )
-            if gt_labels.numel() and (gt_labels.min() < 0 or gt_labels.max() >= self.num_classes):
-                raise ValueError(
-                    f'targets[{i}]["labels"] must lie in [0, {self.num_classes}), got '
-                    f'{gt_labels.tolist()}'
-                )
+            gt_masks, gt_labels = check_target(target, i, self.num_classes)
             stride = sampling_stride(gt_masks.shape[-2:], size)
             gt_masks = gt_masks[:, ::stride, ::stride].to(device).flatten(1)
             # A mask that the subsampling empties is dropped, as in the official mapper (which

@@ -24,7 +24,7 @@ from mmengine.dist import all_reduce
 
 from effvision.registry import MODELS
 
-from .matching import MatchIndices, check_prediction, hungarian_match, query_index
+from .matching import MatchIndices, check_prediction, check_target, hungarian_match, query_index
 
 
 def point_sigmoid_ce_cost(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
@@ -159,17 +159,7 @@ class Mask2FormerCriterion(nn.Module):
         """Labels and masks per image, and all masks zero-padded to (B, N_max, H_max, W_max)."""
         labels, masks = [], []
         for i, target in enumerate(targets):
-            gt_masks, gt_labels = target['masks'], target['labels']
-            if gt_masks.dim() != 3 or gt_labels.shape != gt_masks.shape[:1]:
-                raise ValueError(
-                    f'targets[{i}]: masks must be (N, H, W) and labels (N,), got '
-                    f'{tuple(gt_masks.shape)} and {tuple(gt_labels.shape)}'
-                )
-            if gt_labels.numel() and (gt_labels.min() < 0 or gt_labels.max() >= self.num_classes):
-                raise ValueError(
-                    f'targets[{i}]["labels"] must lie in [0, {self.num_classes}), got '
-                    f'{gt_labels.tolist()}'
-                )
+            gt_masks, gt_labels = check_target(target, i, self.num_classes)
             labels.append(gt_labels.to(device).long())
             masks.append(gt_masks.to(device))
         # The losses see the masks zero-padded to the largest size (bottom/right), the matching

@@ -90,3 +90,22 @@ def check_prediction(
             f'{tuple(logits.shape[:2])}, got {tuple(masks.shape)}'
         )
     return logits, masks
+
+
+def check_target(target: dict, index: int, num_classes: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``masks`` (N, H, W) and ``labels`` (N,) of one image's target dict, checked.
+
+    Raises:
+        ValueError: The shapes disagree or a label is outside ``[0, num_classes)``.
+    """
+    masks, labels = target['masks'], target['labels']
+    if masks.dim() != 3 or labels.shape != masks.shape[:1]:
+        raise ValueError(
+            f'targets[{index}]: masks must be (N, H, W) and labels (N,), got '
+            f'{tuple(masks.shape)} and {tuple(labels.shape)}'
+        )
+    if labels.numel() and (labels.min() < 0 or labels.max() >= num_classes):
+        raise ValueError(
+            f'targets[{index}]["labels"] must lie in [0, {num_classes}), got {labels.tolist()}'
+        )
+    return masks, labels
