@@ -173,7 +173,7 @@ def test_config_trains_and_predicts(path: Path, request):
     segmentor.backbone.init_cfg = None  # published weights cannot be downloaded in tests
     register_all_modules()
     detection = is_detection(cfg)
-    backbone = cfg.model.backbone.type
+    backbone = segmentor.backbone.type
     assert backbone.startswith('effvision.') or backbone in UPSTREAM_BACKBONES or not detection
     if detection:
         import_modules_from_strings(**cfg.custom_imports)
