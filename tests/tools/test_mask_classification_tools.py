@@ -51,12 +51,6 @@ def _run(*args) -> str:
 def test_train_then_test(name, shapes_root, tmp_path):
     config = CONFIGS[name]
     options = [*FAST, *data_options(shapes_root)]
-    if name.startswith('kmax'):  # kMaX pads to its canvas; the test images are 64x64
-        options.append(
-            'model.data_preprocessor.canvas=[64,64]'
-            if name.endswith('panoptic')
-            else 'model.data_preprocessor.test_cfg.size=[64,64]'
-        )
     work_dir = tmp_path / 'work'
     _run('tools/train.py', config, '--work-dir', work_dir, '--cfg-options', *options)
     checkpoint = (work_dir / 'last_checkpoint').read_text().strip()
