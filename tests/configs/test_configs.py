@@ -279,3 +279,56 @@ def test_daformer_configs_follow_the_published_recipe(path: Path):
     if 'mit-b5' in path.stem:
         backbone = uda.model.backbone
         assert (backbone.embed_dims, backbone.num_layers) == (64, [3, 6, 40, 3])
+
+
+# bytedance/kmax-deeplab configs/{coco,ade20k,cityscapes}/panoptic_segmentation/kmax_r50.yaml:
+# queries, canvas (H, W), batch per GPU (8 GPUs), iterations, lr, (things, stuff), thresholds
+# (thing, stuff, overlap, reorder mask weight), drop path, scale jitter
+KMAX_PUBLISHED = {
+    'kmax-deeplab_r50_8xb8-150k_coco-panoptic-1281x1281': (
+        128, (1281, 1281), 8, 150000, 5e-4, (80, 53), (0.7, 0.5, 0.8, 1.0), 0.2, (0.2, 2.0),
+    ),
+    'kmax-deeplab_r50_8xb8-100k_ade20k-panoptic-1281x1281': (
+        128, (1281, 1281), 8, 100000, 5e-4, (100, 50), (0.4, 0.4, 0.8, 1.0), 0.0, (0.5, 2.0),
+    ),
+    'kmax-deeplab_r50_8xb4-60k_cityscapes-panoptic-1025x2049': (
+        256, (1025, 2049), 4, 60000, 3e-4, (8, 11), (0.5, 0.3, 0.9, 0.0), 0.2, (0.5, 2.0),
+    ),
+}  # fmt: skip
+
+
+@pytest.mark.parametrize('name', sorted(KMAX_PUBLISHED))
+def test_kmax_configs_follow_the_published_recipe(name: str):
+    queries, canvas, batch, iters, lr, split, thresholds, drop_path, jitter = KMAX_PUBLISHED[name]
+    cfg = Config.fromfile(REPO_ROOT / 'configs' / 'kmax_deeplab' / f'{name}.py')
+    head = cfg.model.panoptic_head
+    assert head.num_queries == queries
+    assert (head.num_things_classes, head.num_stuff_classes) == split
+    assert head.num_classes == sum(split)
+    assert head.transformer_decoder.drop_path_rate == drop_path
+    assert cfg.model.data_preprocessor.canvas == canvas
+    test = cfg.model.test_cfg
+    assert (test.thing_thr, test.stuff_thr, test.overlap_thr, test.reorder_mask_weight) == (
+        thresholds
+    )
+    assert (test.pixel_confidence_thr, test.reorder_class_weight) == (0.4, 1.0)
+    assert cfg.train_dataloader.batch_size == batch
+    resize, crop = cfg.train_pipeline[2], cfg.train_pipeline[3]
+    assert (resize.ratio_range, tuple(resize.scale)) == (jitter, canvas[::-1])  # mmdet: (w, h)
+    assert tuple(crop.crop_size) == canvas[::-1]
+    assert tuple(cfg.test_pipeline[1].scale) == canvas[::-1]
+    optimizer = cfg.optim_wrapper.optimizer
+    assert (optimizer.type, optimizer.lr, optimizer.weight_decay) == ('AdamW', lr, 0.05)
+    assert cfg.optim_wrapper.paramwise_cfg.custom_keys.backbone.lr_mult == 0.1
+    assert 'clip_grad' not in cfg.optim_wrapper
+    (scheduler,) = cfg.param_scheduler
+    assert (scheduler.type, scheduler.max_iters, scheduler.warmup_iters, scheduler.power) == (
+        'effvision.DeepLabPolyLR', iters, 5000, 0.9,
+    )  # fmt: skip
+    assert cfg.train_cfg.max_iters == iters
+    if 'cityscapes' in name:  # five decoder stages, the stem feature, the light aux head
+        assert cfg.model.backbone.type == 'effvision.ResNetWithStem'
+        assert head.in_channels == [256, 64, 512, 1024, 2048]
+        assert head.pixel_decoder.dec_channels == (512, 256, 128, 64, 32)
+        assert head.transformer_decoder.aux_semantic_head == 'light'
+        assert (head.loss.insdis_sample_temperature, head.loss.aux_semantic_sample_k) == (0.6, 0)

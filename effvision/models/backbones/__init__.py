@@ -5,6 +5,7 @@ from .efficientformer import EfficientFormer
 from .efficientformer_v2 import EfficientFormerV2
 from .moat import MOAT
 from .nextvit import NextViT
+from .resnet_stem import ResNetWithStem
 from .swin import Swin
 
 __all__ = [
@@ -15,5 +16,6 @@ __all__ = [
     'EfficientFormerV2',
     'MOAT',
     'NextViT',
+    'ResNetWithStem',
     'Swin',
 ]
