@@ -14,12 +14,17 @@ A panoptic model (kMaX-DeepLab, PEM with an mmdet config) also writes:
   (``id = R + 256 G + 256^2 B``) with mmdet's ids (stuff: class id; thing:
   ``class id + 1000 * instance``; unassigned: the number of classes).
 
+``--backend onnxruntime`` runs the model exported by ``tools/deploy.py`` instead: the third
+argument is then that folder, and the config's test pipeline and mmseg's post-processing are
+used as for the PyTorch model (semantic segmentation only).
+
 Grayscale and RGBA images are converted to BGR. An unreadable image is reported on its line and
 skipped; the exit status is 1 if any image failed.
 
-Example::
+Examples::
 
     python demo/image_demo.py demo/images CONFIG work_dirs/<stem>/iter_2000.pth --out-dir outputs
+    python demo/image_demo.py demo/images CONFIG DEPLOY_DIR --backend onnxruntime
 """
 
 from __future__ import annotations
@@ -39,7 +44,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description='Segment images and save overlays and labels')
     parser.add_argument('img', help='an image file, or a folder of images')
     parser.add_argument('config', help='config file')
-    parser.add_argument('checkpoint', help='checkpoint file')
+    parser.add_argument(
+        'checkpoint',
+        help='checkpoint file; with --backend onnxruntime, the folder tools/deploy.py wrote',
+    )
+    parser.add_argument(
+        '--backend',
+        choices=('pytorch', 'onnxruntime'),
+        default='pytorch',
+        help='run the PyTorch checkpoint (default) or the exported model with onnxruntime',
+    )
     parser.add_argument('--out-dir', default='outputs', help='output folder (default: outputs)')
     parser.add_argument('--device', default='cpu', help='device, e.g. cpu or cuda:0')
     parser.add_argument(
@@ -126,7 +140,7 @@ def main(argv: list[str] | None = None) -> int:
     for label, path in (('input', source), ('config', Path(args.config))):
         if not path.exists():
             sys.exit(f'image_demo.py: error: {label} not found: {str(path)!r}')
-    if not Path(args.checkpoint).is_file():
+    if args.backend == 'pytorch' and not Path(args.checkpoint).is_file():
         sys.exit(f'image_demo.py: error: checkpoint file not found: {args.checkpoint!r}')
     if not 0.0 <= args.opacity <= 1.0:
         sys.exit(f'image_demo.py: error: --opacity must be in [0, 1], got {args.opacity}')
@@ -138,11 +152,15 @@ def main(argv: list[str] | None = None) -> int:
 
     from effvision.apis import inference_model, init_model, read_image
     from effvision.apis.inference import num_model_classes
+    from effvision.deploy import DeployedModelError, init_deployed_model
     from effvision.utils import CheckpointError
 
     try:
-        model = init_model(args.config, args.checkpoint, device=args.device)
-    except CheckpointError as err:
+        if args.backend == 'pytorch':
+            model = init_model(args.config, args.checkpoint, device=args.device)
+        else:
+            model = init_deployed_model(args.config, args.checkpoint, args.backend)
+    except (CheckpointError, DeployedModelError) as err:
         sys.exit(f'image_demo.py: error: {err}')
     num_classes = num_model_classes(model)
     palette = full_palette(model.dataset_meta, num_classes)
@@ -156,7 +174,10 @@ def main(argv: list[str] | None = None) -> int:
             print(f'{path}: skipped: {err}')
             failed += 1
             continue
-        result = inference_model(model, img)
+        try:
+            result = inference_model(model, img)
+        except DeployedModelError as err:  # e.g. a static export asked for another size
+            sys.exit(f'image_demo.py: error: {path}: {err}')
         sem_seg = result.pred_sem_seg
         labels = (sem_seg.data if 'data' in sem_seg else sem_seg.sem_seg)[0].cpu().numpy()
         overlay_file = out_dir / f'{path.stem}_overlay.png'

@@ -51,7 +51,9 @@ class Registry(MMEngineRegistry):
             self.parent.import_from_location()
 
 
-MODELS = Registry('model', parent=MMSEG_MODELS, scope=SCOPE, locations=['effvision.models'])
+MODELS = Registry(
+    'model', parent=MMSEG_MODELS, scope=SCOPE, locations=['effvision.models', 'effvision.deploy']
+)
 MODEL_WRAPPERS = Registry(
     'model_wrapper', parent=MMSEG_MODEL_WRAPPERS, scope=SCOPE, locations=['effvision.models']
 )

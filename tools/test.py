@@ -8,12 +8,20 @@ Same flags and semantics as mmseg 1.2.2:
   the drawn images land in ``DIR/vis_data/vis_image/``.
 * ``--tta`` swaps in the config's ``tta_pipeline`` and wraps the model in its ``tta_model``.
 
+``--backend onnxruntime`` evaluates an exported model instead: the second argument is then the
+folder written by ``tools/deploy.py`` (``end2end.onnx`` + ``deploy.json``), and the config's
+data pipeline, preprocessing, whole/slide inference, post-processing and metric are used
+unchanged (``effvision.deploy.DeployedSegmentor``), so the metric compares with PyTorch's.
+Semantic-segmentation (mmseg) configs only.
+
 Besides, checkpoints written by mmengine load on torch >= 2.6 with ``weights_only`` kept on, and a
 missing config or checkpoint is reported in one line before the runner is built.
 
-Example::
+Examples::
 
     python tools/test.py CONFIG work_dirs/<stem>/iter_2000.pth --out work_dirs/<stem>/preds
+    python tools/deploy.py CONFIG work_dirs/<stem>/iter_2000.pth --out-dir D --dynamic
+    python tools/test.py CONFIG D --backend onnxruntime
 """
 
 from __future__ import annotations
@@ -35,7 +43,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     """Parses the command line (mmseg 1.2.2's flags)."""
     parser = argparse.ArgumentParser(description='Test (and eval) a segmentor')
     parser.add_argument('config', help='test config file path')
-    parser.add_argument('checkpoint', help='checkpoint file')
+    parser.add_argument(
+        'checkpoint',
+        help='checkpoint file; with --backend onnxruntime, the folder tools/deploy.py wrote',
+    )
     parser.add_argument(
         '--work-dir',
         help='if specified, the evaluation metric results will be dumped into the directory as '
@@ -57,6 +68,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         '--wait-time', type=float, default=2, help='the interval of show (s), 0 is block'
     )
     parser.add_argument('--tta', action='store_true', help='test time augmentation')
+    parser.add_argument(
+        '--backend',
+        choices=('pytorch', 'onnxruntime'),
+        default='pytorch',
+        help='run the PyTorch checkpoint (default) or the exported model with onnxruntime',
+    )
     add_runner_arguments(parser)
     return parse_runner_args(parser, argv)
 
@@ -95,10 +112,37 @@ def _set_output_dir(evaluator, out_dir: str) -> None:
         metric['keep_results'] = True
 
 
+def use_exported_model(cfg, args: argparse.Namespace):
+    """Swaps the config's model for the exported one in ``args.checkpoint`` (a folder)."""
+    from effvision.deploy import DeployedModelError, deployed_model_cfg
+
+    if args.tta:
+        fail('test.py', f'--tta is not supported with --backend {args.backend}; drop --tta.')
+    try:
+        cfg.model = deployed_model_cfg(cfg.model, args.checkpoint, args.backend)
+    except DeployedModelError as err:
+        fail('test.py', str(err))
+    cfg.load_from = None
+    return cfg
+
+
 def main(argv: list[str] | None = None) -> None:
     """Builds the runner from the config and the command line, then runs the test loop."""
     args = parse_args(argv)
     require_config('test.py', args.config)
+    if args.backend != 'pytorch':
+        cfg = use_exported_model(load_runner_config(args), args)
+        if args.show or args.show_dir:
+            cfg = trigger_visualization_hook(cfg, args)
+        if args.out is not None:
+            _set_output_dir(cfg.test_evaluator, args.out)
+        from effvision.deploy import DeployedModelError
+
+        try:
+            run('test.py', cfg, 'test')
+        except DeployedModelError as err:
+            fail('test.py', str(err))
+        return
     if not osp.isfile(args.checkpoint):
         fail(
             'test.py',

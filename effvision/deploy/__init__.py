@@ -13,9 +13,17 @@ from .onnx import (
     format_parity,
     second_shape,
 )
+from .segmentor import (
+    DeployedModelError,
+    DeployedSegmentor,
+    deployed_model_cfg,
+    init_deployed_model,
+)
 
 __all__ = [
     'DEFAULT_OPSET',
+    'DeployedModelError',
+    'DeployedSegmentor',
     'META_FILE',
     'ONNX_FILE',
     'ExportError',
@@ -23,7 +31,9 @@ __all__ = [
     'ParityResult',
     'SegLogitsWrapper',
     'check_parity',
+    'deployed_model_cfg',
     'export_onnx',
     'format_parity',
+    'init_deployed_model',
     'second_shape',
 ]
