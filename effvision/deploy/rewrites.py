@@ -6,6 +6,12 @@ file only at the example one (measured: max abs error 0.58 at 13x17 after export
 no warning). mmseg's PPM (UPerHead, PSPHead) pools to fixed grids, so every such model is hit.
 We swap those modules for an equivalent written as two matrix products with averaging matrices
 built from the (symbolic) input size.
+
+Upsampling by a scale factor (mmseg's ``Upsample`` in FPNHead, ``nn.Upsample``) computes the output
+size as ``int(size * factor)`` in floating point, which pins H and W under ``torch.export``. For an
+integer factor the output size is ``size * factor`` exactly, and giving it as a size produces the
+same numbers (the kernel's scale is ``in / out = 1 / factor`` either way), so those modules are
+swapped for :class:`ExportableUpsample`.
 """
 
 from __future__ import annotations
@@ -13,6 +19,7 @@ from __future__ import annotations
 import copy
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from effvision.models.layers.window import floor_mod
@@ -50,12 +57,104 @@ class ExportableAdaptiveAvgPool2d(nn.Module):
         return rows @ x @ cols.transpose(0, 1)
 
 
-def make_exportable(model: nn.Module) -> nn.Module:
-    """A deep copy of ``model`` with every export-unsafe module replaced by its equivalent."""
+class ExportableUpsample(nn.Module):
+    """Upsampling by integer factors, with the output size computed in integers."""
+
+    def __init__(self, factor: tuple[int, int], mode: str, align_corners: bool | None) -> None:
+        super().__init__()
+        self.factor = factor
+        self.mode = mode
+        self.align_corners = align_corners
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """(N, C, H, W) -> (N, C, H * fh, W * fw)."""
+        size = (x.shape[-2] * self.factor[0], x.shape[-1] * self.factor[1])
+        return F.interpolate(x, size=size, mode=self.mode, align_corners=self.align_corners)
+
+
+def _integer_factor(module: nn.Module) -> tuple[int, int] | None:
+    """(fh, fw) of an upsampling module that scales by integer factors, else None."""
+    if getattr(module, 'size', None) or getattr(module, 'scale_factor', None) is None:
+        return None
+    if getattr(module, 'recompute_scale_factor', None):
+        return None
+    factor = module.scale_factor
+    factor = tuple(factor) if isinstance(factor, (tuple, list)) else (factor, factor)
+    if len(factor) != 2 or any(float(f) != int(f) or f < 1 for f in factor):
+        return None
+    return int(factor[0]), int(factor[1])
+
+
+def _exportable_replacement(module: nn.Module) -> nn.Module | None:
+    """The export-safe equivalent of ``module``, or None when it is fine as it is."""
+    from mmseg.models.utils import Upsample as MMSegUpsample
+
+    if isinstance(module, nn.AdaptiveAvgPool2d):
+        return ExportableAdaptiveAvgPool2d(module.output_size)
+    if isinstance(module, (nn.Upsample, MMSegUpsample)):
+        factor = _integer_factor(module)
+        if factor is not None:
+            return ExportableUpsample(factor, module.mode, module.align_corners)
+    return None
+
+
+def apply_deploy_forms(model: nn.Module) -> list[str]:
+    """Switches every module that has a deploy-time form to it, in place.
+
+    Backbones that fold BatchNorms into convolutions for inference (Next-ViT's ``merge_bn``,
+    EfficientFormer (V2), MOAT) expose ``switch_to_deploy()``; it is called on the outermost
+    such modules (they switch their children). Same numbers up to float rounding, fewer ops.
+
+    Returns:
+        The names of the switched modules (``''`` for the model itself).
+    """
+    switched: list[str] = []
+    for name, module in model.named_modules():
+        inside = any(name.startswith(f'{done}.') or not done for done in switched)
+        if not inside and callable(getattr(module, 'switch_to_deploy', None)):
+            module.eval()
+            module.switch_to_deploy()
+            switched.append(name)
+    return switched
+
+
+def use_reference_deform_conv(model: nn.Module, opset: int) -> list[str]:
+    """Switches PEM's modulated deformable convs to their plain-op form below opset 19.
+
+    torchvision's ``deform_conv2d`` becomes the ONNX ``DeformConv`` op, which exists from
+    opset 19 on; below that the pure-PyTorch reference (gathers and a matmul, the same numbers)
+    is exported instead.
+
+    Returns:
+        The names of the switched modules.
+    """
+    from effvision.models.decode_heads.pem_head import ModulatedDeformConv
+
+    if opset >= 19:
+        return []
+    switched = []
+    for name, module in model.named_modules():
+        if isinstance(module, ModulatedDeformConv) and module.impl != 'pytorch':
+            module.impl = 'pytorch'
+            switched.append(name)
+    return switched
+
+
+def make_exportable(model: nn.Module, opset: int = 18) -> nn.Module:
+    """A deep copy of ``model`` in its deploy form, export-unsafe modules replaced.
+
+    The copy gets the deploy-time forms (:func:`apply_deploy_forms`, recorded in its
+    ``deploy_forms`` attribute; reference deformable convs below opset 19, recorded in
+    ``reference_forms``) and every module that would give a wrong or size-pinned graph is swapped
+    for its exact equivalent.
+    """
     model = copy.deepcopy(model)
+    model.deploy_forms = apply_deploy_forms(model)
+    model.reference_forms = use_reference_deform_conv(model, opset)
     for name, module in list(model.named_modules()):
-        if isinstance(module, nn.AdaptiveAvgPool2d):
+        replacement = _exportable_replacement(module)
+        if replacement is not None:
             parent_name, _, child = name.rpartition('.')
             parent = model.get_submodule(parent_name) if parent_name else model
-            setattr(parent, child, ExportableAdaptiveAvgPool2d(module.output_size))
+            setattr(parent, child, replacement)
     return model

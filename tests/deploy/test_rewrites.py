@@ -6,9 +6,15 @@ import numpy as np
 import onnxruntime as ort
 import pytest
 import torch
+from mmseg.models.utils import Upsample as MMSegUpsample
 from torch import nn
 
-from effvision.deploy.rewrites import ExportableAdaptiveAvgPool2d, make_exportable
+from effvision.deploy.rewrites import (
+    ExportableAdaptiveAvgPool2d,
+    ExportableUpsample,
+    apply_deploy_forms,
+    make_exportable,
+)
 
 
 @pytest.mark.parametrize('out', [1, 2, 3, 6, (2, 5)])
@@ -48,3 +54,58 @@ def test_pool_stays_correct_at_other_sizes_in_onnx(tmp_path):
         x = torch.randn(1, 4, *size)
         (out,) = session.run(None, {session.get_inputs()[0].name: x.numpy()})
         np.testing.assert_allclose(out, nn.AdaptiveAvgPool2d(6)(x).numpy(), atol=1e-5)
+
+
+@pytest.mark.parametrize(
+    'mode, align_corners', [('nearest', None), ('bilinear', False), ('bilinear', True)]
+)
+@pytest.mark.parametrize('factor', [2, 4, (2, 3)])
+def test_integer_upsampling_is_swapped_with_the_same_numbers(mode, align_corners, factor):
+    layers = [nn.Upsample(scale_factor=factor, mode=mode, align_corners=align_corners)]
+    if isinstance(factor, int):  # mmseg's Upsample takes one factor for both sides
+        layers.append(MMSegUpsample(scale_factor=factor, mode=mode, align_corners=align_corners))
+    model = nn.Sequential(*layers)
+    rewritten = make_exportable(model)
+    assert all(isinstance(m, ExportableUpsample) for m in rewritten)
+    x = torch.randn(1, 2, 5, 7, dtype=torch.float64)
+    torch.testing.assert_close(rewritten(x), model(x), rtol=0, atol=0)
+
+
+def test_fractional_or_sized_upsampling_is_left_alone():
+    model = nn.Sequential(nn.Upsample(scale_factor=1.5), nn.Upsample(size=(8, 8)))
+    rewritten = make_exportable(model)
+    assert all(isinstance(m, nn.Upsample) for m in rewritten)
+
+
+def test_upsampling_keeps_height_and_width_dynamic_in_onnx(tmp_path):
+    dims = {2: torch.export.Dim('h', min=2, max=512), 3: torch.export.Dim('w', min=2, max=512)}
+    model = ExportableUpsample((2, 2), 'bilinear', False)
+    program = torch.export.export(model, (torch.randn(1, 3, 8, 8),), dynamic_shapes=(dims,))
+    path = tmp_path / 'up.onnx'
+    torch.onnx.export(program, dynamo=True).save(str(path))
+    session = ort.InferenceSession(str(path))
+    x = torch.randn(1, 3, 13, 6)
+    (out,) = session.run(None, {session.get_inputs()[0].name: x.numpy()})
+    np.testing.assert_allclose(out, nn.Upsample(scale_factor=2, mode='bilinear')(x), atol=1e-6)
+
+
+class _Foldable(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 3, 1)
+        self.child = nn.Module()
+        self.child.switch_to_deploy = lambda: pytest.fail('a switched module handles its children')
+        self.calls = 0
+
+    def switch_to_deploy(self):
+        self.calls += 1
+
+
+def test_deploy_forms_are_applied_to_the_outermost_modules_of_the_copy():
+    model = nn.Sequential(nn.Identity(), _Foldable())
+    model.train()
+    rewritten = make_exportable(model)
+    assert model[1].calls == 0  # the original keeps its training form
+    assert rewritten[1].calls == 1 and rewritten.deploy_forms == ['1']
+    assert not rewritten[1].training
+    assert apply_deploy_forms(nn.Sequential(nn.Conv2d(1, 1, 1))) == []

@@ -186,7 +186,10 @@ class Attention2d(BiasedAttention):
         attn = self.talking_head2(self.talking_head1(attn).softmax(dim=-1))
         out = _heads_to_map(attn @ v, hs, ws) + v_local
         if self.stride_conv is not None:
-            out = F.interpolate(out, scale_factor=self.stride, mode='bilinear', align_corners=False)
+            # an explicit size, not scale_factor: same numbers for an integer stride, and no
+            # float rounding of the size that would pin H/W in a dynamic-shape export
+            size = (hs * self.stride, ws * self.stride)
+            out = F.interpolate(out, size=size, mode='bilinear', align_corners=False)
             # crop the rounded-up row/column (none for the even grids the official code takes)
             out = _crop(out, h, w)
         return self.proj(self.act(out))

@@ -255,9 +255,12 @@ class DAFormerHead(BaseDecodeHead):
         feats = self._transform_inputs(inputs)
         size = feats[0].shape[2:]
         embedded = []
-        for level, feat in zip(self.in_index, feats):
+        for i, (level, feat) in enumerate(zip(self.in_index, feats)):
             x = self.embed_layers[str(level)](feat)
-            if x.shape[2:] != size:
+            # Every level but the first is resized, without comparing sizes: a size comparison
+            # is a guard torch.export cannot decide for a symbolic H/W, and resizing to the same
+            # size is exact (bilinear at scale 1 copies).
+            if i > 0:
                 x = F.interpolate(x, size=size, mode='bilinear', align_corners=self.align_corners)
             embedded.append(x)
         return self.cls_seg(self.fuse_layer(torch.cat(embedded, dim=1)))
