@@ -46,13 +46,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument('config', help='config file')
     parser.add_argument(
         'checkpoint',
-        help='checkpoint file; with --backend onnxruntime, the folder tools/deploy.py wrote',
+        help='checkpoint file; with --backend onnxruntime/tensorrt, the folder tools/deploy.py '
+        'wrote',
     )
     parser.add_argument(
         '--backend',
-        choices=('pytorch', 'onnxruntime'),
+        choices=('pytorch', 'onnxruntime', 'tensorrt'),
         default='pytorch',
-        help='run the PyTorch checkpoint (default) or the exported model with onnxruntime',
+        help='run the PyTorch checkpoint (default) or the exported model with onnxruntime or '
+        'TensorRT (its end2end.engine, built by tools/deploy.py --backend tensorrt)',
     )
     parser.add_argument('--out-dir', default='outputs', help='output folder (default: outputs)')
     parser.add_argument('--device', default='cpu', help='device, e.g. cpu or cuda:0')

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 
 import pytest
@@ -74,6 +75,36 @@ def shapes_root(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp('data') / 'shapes'
     generate_shapes(root, num_train=8, num_val=4, size=(64, 64), seed=0)
     return root
+
+
+CONFIGS = sorted(p for p in (REPO_ROOT / 'configs').rglob('*.py') if '_base_' not in p.parts)
+# Backbone variants whose configs run in every CI run; a config of another variant of the same
+# backbone repeats one of these recipes at other widths/depths and runs in `make test-all` (slow),
+# which keeps `make test` near its time budget. Every config of the heads and of the demos (the
+# narrow 'nano' Swin) runs.
+CI_VARIANTS = {
+    'swin': {'t', 'nano'}, 'cswin': {'t'}, 'nextvit': {'s'}, 'efficientformer': {'l1'},
+    'efficientformerv2': {'s0'}, 'biformer': {'s'}, 'moat': {'0'},
+}  # fmt: skip
+
+
+def config_variant(path: Path) -> tuple[str | None, str | None]:
+    """(backbone family, variant) named in a config file name, e.g. ('swin', 't')."""
+    match = re.search(r'_([a-z0-9]+)-([a-z0-9]+)_', path.name)
+    return match.groups() if match else (None, None)
+
+
+def config_param(path: Path, ci: bool | None = None):
+    """A config as a test parameter, marked slow unless it runs in CI.
+
+    Args:
+        path: The config file.
+        ci: Whether it runs in CI; default: unless it is a non-CI variant of a backbone family.
+    """
+    if ci is None:
+        family, variant = config_variant(path)
+        ci = family not in CI_VARIANTS or variant in CI_VARIANTS[family]
+    return path if ci else pytest.param(path, marks=pytest.mark.slow)
 
 
 QUICKSTART = REPO_ROOT / 'configs/quickstart/upernet_swin-nano_1xb8-800_shapes-128x128.py'

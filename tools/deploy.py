@@ -1,25 +1,35 @@
-"""Export a segmentor to ONNX and check it against PyTorch with onnxruntime.
+"""Export a segmentor to ONNX (and a TensorRT engine) and check it against PyTorch.
 
 Writes ``OUT_DIR/end2end.onnx`` (input ``input``: normalised float32 NCHW; output ``logits``:
-(N, num_classes, H, W) at the input size) and ``OUT_DIR/deploy.json`` (classes, palette,
-normalisation, shapes, opset, versions, parity), then prints one line::
+(N, num_classes, H, W) at the input size), ``OUT_DIR/deploy.json`` (classes, palette,
+normalisation, shapes and their range, opset, deploy forms, versions) and ``OUT_DIR/parity.json``
+(onnxruntime against PyTorch at every checked size), then prints one line::
 
     ONNX parity: max|Δlogit|=2.1e-06 argmax agreement=100.000% (16384 pixels; NxHxW 1x128x128)
 
 and exits with status 1 when the class agreement is below ``--min-agreement`` at any checked size
 (the model is then kept as ``end2end.rejected.onnx``, never as ``end2end.onnx``). With
-``--dynamic``, H, W and the batch size stay symbolic, and the check also runs at a second size
-(H+32, W+64) with a batch of two, which catches an export that was silently specialised.
+``--dynamic``, the batch size and H and W stay symbolic within a range (``--dynamic 256 1024``:
+sides from 256 to 1024 px; ``--dynamic`` alone: 64 to 8192); the check also runs at a second
+size with a batch of two, which catches an export that was silently specialised, and the runners
+refuse sizes outside the range.
+
+``--backend tensorrt`` then builds ``end2end.engine`` from the checked ONNX file (``--fp16``,
+``--int8 --calib-dir DIR``) with the TensorRT Python API on this machine's GPU, checks it the same
+way and adds its numbers to parity.json. Without TensorRT or a GPU it stops before writing
+anything and says what to install.
 
 Examples::
 
     python tools/deploy.py CONFIG work_dirs/<stem>/iter_2000.pth --out-dir work_dirs/<stem>/onnx
-    python tools/deploy.py CONFIG CKPT --out-dir D --dynamic --shape 512 512 --image demo.jpg
+    python tools/deploy.py CONFIG CKPT --out-dir D --dynamic 256 1024 --shape 512 512
+    python tools/deploy.py CONFIG CKPT --out-dir D --backend tensorrt --fp16
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import os.path as osp
 import sys
 from typing import NoReturn
@@ -42,7 +52,45 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "dynamic one). Default: the config's crop size (data_preprocessor.size or crop_size)",
     )
     parser.add_argument(
-        '--dynamic', action='store_true', help='keep batch, height and width symbolic'
+        '--backend',
+        choices=('onnxruntime', 'tensorrt'),
+        default='onnxruntime',
+        help='onnxruntime: the ONNX file; tensorrt: also an engine for this GPU (default: '
+        'onnxruntime)',
+    )
+    parser.add_argument(
+        '--dynamic',
+        nargs='*',
+        type=int,
+        metavar=('MIN', 'MAX'),
+        help='keep batch, height and width symbolic; optionally the range of H and W in pixels '
+        '(e.g. --dynamic 256 1024; default 64 8192)',
+    )
+    parser.add_argument('--fp16', action='store_true', help='tensorrt: fp16 engine')
+    parser.add_argument(
+        '--int8', action='store_true', help='tensorrt: int8 engine, calibrated on --calib-dir'
+    )
+    parser.add_argument('--calib-dir', help='tensorrt --int8: folder of calibration images')
+    parser.add_argument(
+        '--max-batch',
+        type=int,
+        default=None,
+        help='tensorrt: largest batch the engine takes (default: 1, or 2 for a dynamic export, '
+        'the batch of the second parity check)',
+    )
+    parser.add_argument(
+        '--max-size',
+        type=int,
+        nargs=2,
+        metavar=('H', 'W'),
+        help='tensorrt: largest input the engine takes, within the dynamic range (TensorRT '
+        'reserves memory for it; default: the top of the range)',
+    )
+    parser.add_argument(
+        '--calib-images',
+        type=int,
+        default=64,
+        help='tensorrt --int8: at most this many calibration images (default: 64)',
     )
     parser.add_argument(
         '--check-sizes',
@@ -111,9 +159,13 @@ def first_val_image(cfg) -> str:
     raise FileNotFoundError('the config has no val or test dataset with images')
 
 
-def main(argv: list[str] | None = None) -> int:
-    """Exports, checks parity, prints the parity line; returns the exit status."""
-    args = parse_args(argv)
+# Agreement an engine must reach when it computes in reduced precision (fp32 engines must reach
+# --min-agreement); the dataset metric is the real test: tools/test.py --backend tensorrt.
+REDUCED_PRECISION_AGREEMENT = {'fp16': 0.99, 'int8': 0.95}
+
+
+def _check_args(args: argparse.Namespace) -> None:
+    """Refuses inconsistent options before anything is loaded or written."""
     for label, path in (('config', args.config), ('checkpoint', args.checkpoint)):
         if not osp.isfile(path):
             _fail(f'{label} file not found: {path!r}; pass the path of an existing file.')
@@ -121,6 +173,139 @@ def main(argv: list[str] | None = None) -> int:
         _fail(f'image not found: {args.image!r}; pass an existing image to --image.')
     if not 0.0 <= args.min_agreement <= 1.0:
         _fail(f'--min-agreement is a fraction in [0, 1], got {args.min_agreement}.')
+    if args.dynamic is not None and len(args.dynamic) not in (0, 2):
+        _fail(f'--dynamic takes no value or MIN MAX (e.g. --dynamic 256 1024), got {args.dynamic}.')
+    if args.dynamic and not 1 <= args.dynamic[0] <= args.dynamic[1]:
+        _fail(f'--dynamic MIN MAX needs 1 <= MIN <= MAX, got {args.dynamic[0]} {args.dynamic[1]}.')
+    if args.check_sizes and args.dynamic is None:
+        _fail('--check-sizes needs --dynamic: a static model has one size.')
+    trt_only = [
+        flag
+        for flag, given in (
+            ('--fp16', args.fp16), ('--int8', args.int8), ('--calib-dir', args.calib_dir),
+            ('--max-batch', args.max_batch), ('--max-size', args.max_size),
+        )
+        if given
+    ]  # fmt: skip
+    if trt_only and args.backend != 'tensorrt':
+        _fail(f'{" ".join(trt_only)} build a TensorRT engine; add --backend tensorrt.')
+    if args.fp16 and args.int8:
+        _fail('pass --fp16 or --int8, not both (an int8 engine falls back to fp16 by itself).')
+    if args.int8 and not args.calib_dir:
+        _fail('--int8 needs --calib-dir DIR: a folder of images like the ones the model sees.')
+    if args.calib_dir and not args.int8:
+        _fail('--calib-dir is for --int8 calibration; add --int8 or drop --calib-dir.')
+    if args.calib_dir and not osp.isdir(args.calib_dir):
+        _fail(f'--calib-dir {args.calib_dir!r} is not a folder; pass a folder of images.')
+    if args.backend == 'tensorrt':
+        from effvision.deploy.tensorrt import unavailable_reason
+
+        reason = unavailable_reason()
+        if reason is not None:
+            _fail(f'--backend tensorrt: {reason} (nothing was written; --backend onnxruntime '
+                  'exports without it).')  # fmt: skip
+
+
+def _build(build_engine, args, out_dir, engine_path, meta, precision, calib, sizes) -> dict:
+    return build_engine(
+        osp.join(out_dir, 'end2end.onnx'),
+        engine_path,
+        meta,
+        precision=precision,
+        calib_batches=calib,
+        max_batch=args.max_batch or max(shape[0] for shape in sizes),
+        max_size=tuple(args.max_size) if args.max_size else None,
+    )
+
+
+def _in_profile(runner, shape) -> bool:
+    try:
+        runner.check_input(shape)
+    except ValueError:
+        return False
+    return True
+
+
+def build_tensorrt(args, model, img, out_dir: str, sizes) -> bool:
+    """Builds ``end2end.engine`` from the checked ONNX file, checks it, records it.
+
+    Returns:
+        Whether the engine passed its check (else it is kept as ``end2end.rejected.engine``).
+    """
+    import json
+
+    from effvision.deploy.onnx import (
+        META_FILE,
+        PARITY_FILE,
+        ORTSegmentor,
+        check_parity,
+        format_parity,
+    )
+    from effvision.deploy.tensorrt import (
+        ENGINE_FILE,
+        TensorRTError,
+        TRTSegmentor,
+        build_engine,
+        load_calibration_batches,
+    )
+
+    meta_path, parity_path = osp.join(out_dir, META_FILE), osp.join(out_dir, PARITY_FILE)
+    with open(meta_path) as f:
+        meta = json.load(f)
+    precision = 'int8' if args.int8 else 'fp16' if args.fp16 else 'fp32'
+    calib = None
+    if args.int8:
+        ort_runner = ORTSegmentor.from_dir(out_dir)
+        calib = load_calibration_batches(args.calib_dir, ort_runner, limit=args.calib_images)
+    engine_path = osp.join(out_dir, ENGINE_FILE)
+    try:
+        info = _build(build_engine, args, out_dir, engine_path, meta, precision, calib, sizes)
+    except (TensorRTError, ValueError) as err:
+        _fail(f'{err} (the checked ONNX export in {out_dir} is kept; end2end.engine was not '
+              'written)')  # fmt: skip
+    runner = TRTSegmentor(engine_path, meta)
+    # the sizes of the ONNX check that the engine's profile takes
+    sizes = [shape for shape in sizes if _in_profile(runner, shape)]
+    if not sizes:
+        _fail('the engine takes none of the checked sizes: widen --max-size/--max-batch')
+    results = check_parity(model, runner, img, [shape[2:] for shape in sizes])
+    needed = REDUCED_PRECISION_AGREEMENT.get(precision, args.min_agreement)
+    passed = all(r.ok_shape and r.agreement >= needed for r in results)
+    print(format_parity(results).replace('ONNX parity', f'TensorRT {precision} parity'))
+    if not passed:
+        rejected = osp.join(out_dir, 'end2end.rejected.engine')
+        os.replace(engine_path, rejected)
+        print(
+            f'deploy.py: error: TensorRT {precision} agreement below {needed}; the engine was '
+            f'kept as {rejected}, end2end.engine was not written.',
+            file=sys.stderr,
+        )
+        return False
+    from dataclasses import asdict
+
+    with open(parity_path) as f:
+        parity = json.load(f)
+    parity['tensorrt'] = {
+        'passed': passed,
+        'precision': precision,
+        'min_agreement': needed,
+        'max_abs_diff': max(r.max_abs_diff for r in results),
+        'min_agreement_measured': min(r.agreement for r in results),
+        'results': [asdict(r) for r in results],
+    }
+    meta['tensorrt'] = {'engine_file': ENGINE_FILE, **info}
+    for path, content in ((parity_path, parity), (meta_path, meta)):
+        tmp = f'{path}.tmp'
+        with open(tmp, 'w') as f:
+            f.write(json.dumps(content, indent=2) + '\n')
+        os.replace(tmp, path)
+    return True
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Exports, checks parity, prints the parity line(s); returns the exit status."""
+    args = parse_args(argv)
+    _check_args(args)
 
     from mmengine.config import Config
 
@@ -166,7 +351,8 @@ def main(argv: list[str] | None = None) -> int:
             args.out_dir,
             img,
             shape=shape,
-            dynamic=args.dynamic,
+            dynamic=args.dynamic is not None,
+            dynamic_range=tuple(args.dynamic) if args.dynamic else None,
             opset=args.opset or DEFAULT_OPSET,
             min_agreement=args.min_agreement,
             extra_sizes=args.check_sizes,
@@ -186,7 +372,16 @@ def main(argv: list[str] | None = None) -> int:
             file=sys.stderr,
         )
         return 1
-    print(f'wrote {onnx_file} and {osp.join(args.out_dir, "deploy.json")}')
+    stale = osp.join(args.out_dir, 'end2end.engine')
+    if osp.exists(stale):  # built from the ONNX file just replaced: it would run the old model
+        os.remove(stale)
+        print(f'deploy.py: note: removed {stale}, built from the previous export.', file=sys.stderr)
+    written = [str(onnx_file), osp.join(args.out_dir, 'deploy.json'), 'parity.json']
+    if args.backend == 'tensorrt':
+        if not build_tensorrt(args, model, img, args.out_dir, [r.shape for r in results]):
+            return 1
+        written.insert(1, 'end2end.engine')
+    print('wrote ' + ', '.join(written))
     return 0
 
 

@@ -8,8 +8,9 @@ Same flags and semantics as mmseg 1.2.2:
   the drawn images land in ``DIR/vis_data/vis_image/``.
 * ``--tta`` swaps in the config's ``tta_pipeline`` and wraps the model in its ``tta_model``.
 
-``--backend onnxruntime`` evaluates an exported model instead: the second argument is then the
-folder written by ``tools/deploy.py`` (``end2end.onnx`` + ``deploy.json``), and the config's
+``--backend onnxruntime`` (or ``tensorrt``) evaluates an exported model instead: the second
+argument is then the folder written by ``tools/deploy.py`` (``end2end.onnx`` or
+``end2end.engine`` + ``deploy.json``), and the config's
 data pipeline, preprocessing, whole/slide inference, post-processing and metric are used
 unchanged (``effvision.deploy.DeployedSegmentor``), so the metric compares with PyTorch's.
 Semantic-segmentation (mmseg) configs only.
@@ -20,7 +21,7 @@ missing config or checkpoint is reported in one line before the runner is built.
 Examples::
 
     python tools/test.py CONFIG work_dirs/<stem>/iter_2000.pth --out work_dirs/<stem>/preds
-    python tools/deploy.py CONFIG work_dirs/<stem>/iter_2000.pth --out-dir D --dynamic
+    python tools/deploy.py CONFIG work_dirs/<stem>/iter_2000.pth --out-dir D --dynamic 256 1024
     python tools/test.py CONFIG D --backend onnxruntime
 """
 
@@ -45,7 +46,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument('config', help='test config file path')
     parser.add_argument(
         'checkpoint',
-        help='checkpoint file; with --backend onnxruntime, the folder tools/deploy.py wrote',
+        help='checkpoint file; with --backend onnxruntime/tensorrt, the folder tools/deploy.py '
+        'wrote',
     )
     parser.add_argument(
         '--work-dir',
@@ -70,9 +72,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument('--tta', action='store_true', help='test time augmentation')
     parser.add_argument(
         '--backend',
-        choices=('pytorch', 'onnxruntime'),
+        choices=('pytorch', 'onnxruntime', 'tensorrt'),
         default='pytorch',
-        help='run the PyTorch checkpoint (default) or the exported model with onnxruntime',
+        help='run the PyTorch checkpoint (default) or the exported model with onnxruntime or '
+        'TensorRT (its end2end.engine, built by tools/deploy.py --backend tensorrt)',
     )
     add_runner_arguments(parser)
     return parse_runner_args(parser, argv)

@@ -4,7 +4,9 @@ from .onnx import (
     DEFAULT_OPSET,
     META_FILE,
     ONNX_FILE,
+    PARITY_FILE,
     ExportError,
+    InputShapeError,
     ORTSegmentor,
     ParityResult,
     SegLogitsWrapper,
@@ -13,6 +15,7 @@ from .onnx import (
     format_parity,
     second_shape,
 )
+from .runner import SegmentorRunner
 from .segmentor import (
     DeployedModelError,
     DeployedSegmentor,
@@ -26,10 +29,13 @@ __all__ = [
     'DeployedSegmentor',
     'META_FILE',
     'ONNX_FILE',
+    'PARITY_FILE',
     'ExportError',
+    'InputShapeError',
     'ORTSegmentor',
     'ParityResult',
     'SegLogitsWrapper',
+    'SegmentorRunner',
     'check_parity',
     'deployed_model_cfg',
     'export_onnx',

@@ -40,12 +40,21 @@ from torch import nn
 from effvision.ops import reference_ops
 
 from .rewrites import make_exportable
+from .runner import (
+    META_FILE,
+    InputShapeError,
+    SegmentorRunner,
+    logits_to_labels,
+    normalize_image,
+)
 
 __all__ = [
     'DEFAULT_OPSET',
     'META_FILE',
     'ONNX_FILE',
+    'PARITY_FILE',
     'ExportError',
+    'InputShapeError',
     'ORTSegmentor',
     'ParityResult',
     'SegLogitsWrapper',
@@ -56,9 +65,7 @@ __all__ = [
 ]
 
 ONNX_FILE = 'end2end.onnx'
-META_FILE = 'deploy.json'
-REJECTED_ONNX_FILE = 'end2end.rejected.onnx'
-REJECTED_META_FILE = 'deploy.rejected.json'
+PARITY_FILE = 'parity.json'
 DEPLOY_FORMAT = 'effvision-onnx/1'
 # Pinned rather than the exporter's default (20 with torch 2.15), so that the file does not change
 # with the torch release; current onnxruntime and TensorRT releases read opset 18.
@@ -74,74 +81,15 @@ class ExportError(RuntimeError):
 
 
 # ---------------------------------------------------------------------------------------------
-# Pre- and post-processing shared by export, parity check and runtime (numpy only)
-# ---------------------------------------------------------------------------------------------
-
-
-def normalize_image(
-    img: np.ndarray, mean: Sequence[float], std: Sequence[float], bgr_to_rgb: bool
-) -> np.ndarray:
-    """Turns a BGR uint8 image into the graph input, as SegDataPreProcessor does.
-
-    Args:
-        img: (H, W, 3) uint8 BGR image.
-        mean: Per-channel mean, in the channel order after the optional flip.
-        std: Per-channel std, same order.
-        bgr_to_rgb: Flip BGR to RGB before normalising.
-
-    Returns:
-        np.ndarray: (1, 3, H, W) float32.
-    """
-    if bgr_to_rgb:
-        img = img[..., ::-1]
-    x = (img.astype(np.float32) - np.asarray(mean, np.float32)) / np.asarray(std, np.float32)
-    return np.ascontiguousarray(x.transpose(2, 0, 1)[None])
-
-
-def resize_bilinear(x: np.ndarray, size: tuple[int, int], align_corners: bool) -> np.ndarray:
-    """Bilinear resize of (N, C, h, w) to (N, C, H, W), matching ``F.interpolate`` (no antialias).
-
-    cv2.resize would do for ``align_corners=False`` but is capped at 512 channels; this is
-    exact for both conventions and any number of classes.
-    """
-    out_h, out_w = size
-    in_h, in_w = x.shape[-2:]
-    if (in_h, in_w) == (out_h, out_w):
-        return x
-
-    def coords(n_out: int, n_in: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        if align_corners:
-            src = np.arange(n_out, dtype=np.float64) * ((n_in - 1) / max(n_out - 1, 1))
-        else:
-            src = (np.arange(n_out, dtype=np.float64) + 0.5) * (n_in / n_out) - 0.5
-            src = np.clip(src, 0, None)
-        lo = np.minimum(np.floor(src).astype(np.int64), n_in - 1)
-        hi = np.minimum(lo + 1, n_in - 1)
-        return lo, hi, (src - lo).astype(np.float32)
-
-    y0, y1, wy = coords(out_h, in_h)
-    x0, x1, wx = coords(out_w, in_w)
-    rows = x[..., y0, :] * (1 - wy)[:, None] + x[..., y1, :] * wy[:, None]
-    return rows[..., x0] * (1 - wx) + rows[..., x1] * wx
-
-
-def logits_to_labels(logits: np.ndarray, threshold: float | None = None) -> np.ndarray:
-    """Class ids from (N, C, H, W) logits: argmax, or ``sigmoid > threshold`` when C == 1."""
-    if logits.shape[1] == 1:
-        thr = 0.3 if threshold is None else threshold
-        return (1.0 / (1.0 + np.exp(-logits[:, 0])) > thr).astype(np.int64)
-    return logits.argmax(axis=1)
-
-
-# ---------------------------------------------------------------------------------------------
 # onnxruntime runner
 # ---------------------------------------------------------------------------------------------
 
 
-class ORTSegmentor:
+class ORTSegmentor(SegmentorRunner):
     """Runs an exported ``end2end.onnx`` with onnxruntime, driven by its ``deploy.json``.
 
-    Pre- and post-processing are numpy/OpenCV; no mmseg model or config is involved.
+    Pre- and post-processing are numpy/OpenCV (:class:`SegmentorRunner`); no mmseg model or
+    config is involved.
 
     Args:
         onnx_file: Path of the ONNX model.
@@ -162,9 +110,7 @@ class ORTSegmentor:
     ) -> None:
         import onnxruntime as ort
 
-        if not isinstance(meta, dict):
-            meta = json.loads(Path(meta).read_text())
-        self.meta = meta
+        super().__init__(meta)
         options = ort.SessionOptions()
         options.log_severity_level = 3  # keep ORT's graph-optimisation chatter out of the CLI
         self.session = ort.InferenceSession(
@@ -172,8 +118,6 @@ class ORTSegmentor:
             sess_options=options,
             providers=list(providers or ['CPUExecutionProvider']),
         )
-        self.input_name = meta['input']['name']
-        self.output_name = meta['output']['name']
 
     @classmethod
     def from_dir(
@@ -189,70 +133,14 @@ class ORTSegmentor:
                 )
         return cls(deploy_dir / ONNX_FILE, deploy_dir / META_FILE, providers)
 
-    @property
-    def classes(self) -> list[str]:
-        """Class names, index = class id."""
-        return list(self.meta['classes'])
-
-    @property
-    def palette(self) -> list[list[int]]:
-        """RGB colour of each class."""
-        return [list(c) for c in self.meta['palette']]
-
-    @property
-    def dynamic(self) -> bool:
-        """Whether the graph accepts any H and W (else only ``input_size``)."""
-        return bool(self.meta['dynamic'])
-
-    @property
-    def input_size(self) -> tuple[int, int]:
-        """(H, W) the model was exported at; the only size a static model accepts."""
-        h, w = self.meta['input']['example_shape'][2:]
-        return int(h), int(w)
-
-    def preprocess(self, img: np.ndarray, size: tuple[int, int] | None = None) -> np.ndarray:
-        """Resizes (when needed) and normalises a BGR image into the graph input.
-
-        Args:
-            img: (H, W, 3) uint8 BGR image.
-            size: (H, W) to feed the model. Default: the export size for a static model, the
-                image's own size for a dynamic one.
-
-        Returns:
-            np.ndarray: (1, 3, h, w) float32.
-        """
-        import cv2
-
-        if size is None:
-            size = None if self.dynamic else self.input_size
-        if size is not None and tuple(img.shape[:2]) != tuple(size):
-            img = cv2.resize(img, (size[1], size[0]), interpolation=cv2.INTER_LINEAR)
-        pre = self.meta['preprocess']
-        return normalize_image(img, pre['mean'], pre['std'], pre['bgr_to_rgb'])
-
     def logits(self, inputs: np.ndarray) -> np.ndarray:
-        """Runs the graph: (N, 3, H, W) normalised float32 -> (N, C, H, W) logits."""
-        return self.session.run([self.output_name], {self.input_name: inputs})[0]
+        """Runs the graph: (N, 3, H, W) normalised float32 -> (N, C, H, W) logits.
 
-    def predict(
-        self, img: np.ndarray | str | os.PathLike, size: tuple[int, int] | None = None
-    ) -> np.ndarray:
-        """Predicts the label map of one image, at the image's own size.
-
-        Args:
-            img: Image path or array (grayscale and RGBA are converted to BGR).
-            size: (H, W) to run the model at; see :meth:`preprocess`.
-
-        Returns:
-            np.ndarray: (H, W) class ids, uint8 when the classes fit in it, else int32.
+        Raises:
+            InputShapeError: The shape is outside what the model was exported for.
         """
-        from effvision.apis.inference import read_image
-
-        img = read_image(img)
-        logits = self.logits(self.preprocess(img, size))
-        logits = resize_bilinear(logits, img.shape[:2], self.meta['postprocess']['align_corners'])
-        labels = logits_to_labels(logits, self.meta['postprocess'].get('threshold'))[0]
-        return labels.astype(np.uint8 if logits.shape[1] <= 256 else np.int32)
+        self.check_input(inputs.shape)
+        return self.session.run([self.output_name], {self.input_name: inputs})[0]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -282,19 +170,37 @@ class SegLogitsWrapper(nn.Module):
             or not hasattr(segmentor, 'extract_feat')
         ):
             raise ExportError(
-                f'{type(segmentor).__name__} is not supported for ONNX export: expected an '
-                'EncoderDecoder-style segmentor with a single decode_head.'
+                f'{type(segmentor).__name__} has no ONNX export yet: semantic segmentors '
+                '(EncoderDecoder with one decode_head, DACS) export; panoptic and detection '
+                'models (mmdet configs) do not. Evaluate those with --backend pytorch.'
             )
         self.segmentor = segmentor
         self.align_corners = bool(getattr(head, 'align_corners', False))
+        from effvision.models.decode_heads.mask_classification import MaskClassificationHead
+
+        self.mask_classification = isinstance(head, MaskClassificationHead)
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:
-        """(N, 3, H, W) normalised image -> (N, num_classes, H, W) logits."""
+        """(N, 3, H, W) normalised image -> (N, num_classes, H, W) logits.
+
+        For a mask-classification head (kMaX-DeepLab, PEM) the output is its semantic score
+        map: class probabilities times mask probabilities summed over the queries, as its
+        ``predict`` gives mmseg.
+        """
         feats = self.segmentor.extract_feat(input)
-        logits = self.segmentor.decode_head.forward(feats)
-        return F.interpolate(
-            logits, size=input.shape[2:], mode='bilinear', align_corners=self.align_corners
-        )
+        head = self.segmentor.decode_head
+        size = input.shape[2:]
+        if self.mask_classification:
+            from effvision.models.decode_heads.mask_classification import semantic_inference
+
+            outputs = head.forward(feats)
+            masks = F.interpolate(
+                outputs['pred_masks'], size=size, mode='bilinear',
+                align_corners=head.upsample_align_corners(tuple(size)),
+            )  # fmt: skip
+            return semantic_inference(outputs['pred_logits'], masks, head.mask_activation)
+        logits = head.forward(feats)
+        return F.interpolate(logits, size=size, mode='bilinear', align_corners=self.align_corners)
 
 
 def _data_preprocessor_meta(segmentor) -> dict[str, Any]:
@@ -340,24 +246,37 @@ def _size_oblivious():
         return contextlib.nullcontext()
 
 
-def _capture(wrapper, example, dynamic: bool):
-    """torch.export the wrapper, refusing any refinement that would pin or tie H/W/N."""
+def _capture(wrapper, example, dynamic: bool, side_range: tuple[int, int] | None = None):
+    """torch.export the wrapper, refusing any refinement that would pin or tie H/W/N.
+
+    Returns:
+        (exported program, accepted range: {'batch'|'height'|'width': (min, max)}).
+    """
     from torch.export import Dim
 
-    if not dynamic:
-        return torch.export.export(wrapper, (example,), strict=False)
     n, _, h, w = example.shape
+    if not dynamic:
+        exported = torch.export.export(wrapper, (example,), strict=False)
+        return exported, {'batch': (n, n), 'height': (h, h), 'width': (w, w)}
+    lo, hi = side_range or (min(_MIN_SIDE, h, w), max(_MAX_SIDE, h, w))
     spec = {
         'input': {
             0: Dim('batch', min=1, max=max(_MAX_BATCH, n)),
-            2: Dim('height', min=min(_MIN_SIDE, h), max=max(_MAX_SIDE, h)),
-            3: Dim('width', min=min(_MIN_SIDE, w), max=max(_MAX_SIDE, w)),
+            2: Dim('height', min=lo, max=hi),
+            3: Dim('width', min=lo, max=hi),
         }
     }
     for _ in range(3):
         try:
             with _size_oblivious():
-                return torch.export.export(wrapper, (example,), dynamic_shapes=spec, strict=False)
+                exported = torch.export.export(
+                    wrapper, (example,), dynamic_shapes=spec, strict=False
+                )
+            dims = spec['input']
+            return exported, {
+                name: (int(dims[axis].min), int(dims[axis].max))
+                for axis, name in ((0, 'batch'), (2, 'height'), (3, 'width'))
+            }
         except torch._dynamo.exc.UserError as err:
             msg = getattr(err, 'msg', str(err))
             try:
@@ -447,10 +366,21 @@ class ParityResult:
         return self.error is None
 
 
-def second_shape(h: int, w: int) -> tuple[int, int]:
-    """The second size a dynamic export is checked at: larger by 32 and 64 px, so that H and W
-    differ from the example by different amounts (a swapped or pinned axis shows up)."""
-    return h + 32, w + 64
+def second_shape(
+    h: int,
+    w: int,
+    height_range: tuple[int, int] | None = None,
+    width_range: tuple[int, int] | None = None,
+) -> tuple[int, int]:
+    """The second size a dynamic export is checked at: 32 and 64 px larger (smaller where that
+    leaves the range), so that H and W differ from the example by different amounts (a swapped
+    or pinned axis shows up)."""
+
+    def move(size: int, step: int, bounds: tuple[int, int] | None) -> int:
+        lo, hi = bounds or (1, size + step)
+        return size + step if size + step <= hi else max(lo, size - step)
+
+    return move(h, 32, height_range), move(w, 64, width_range)
 
 
 def check_parity(
@@ -540,18 +470,23 @@ def export_onnx(
     dataset_meta: dict[str, Any] | None = None,
     extra_meta: dict[str, Any] | None = None,
     extra_sizes: Sequence[tuple[int, int]] = (),
+    dynamic_range: tuple[int, int] | None = None,
 ) -> tuple[bool, list[ParityResult], Path]:
     """Exports a segmentor to ``out_dir/end2end.onnx`` + ``deploy.json`` and checks parity.
 
-    The files are written under temporary names, checked with onnxruntime against PyTorch on
-    ``img`` (at ``shape``, and for a dynamic export also at :func:`second_shape`), and only then
-    renamed into place: a failed export or a failed check never leaves a half-written or
-    unchecked ``end2end.onnx`` (files from an earlier export stay as they were). A model that
-    fails the check is kept as ``end2end.rejected.onnx`` (with ``deploy.rejected.json``) for
-    inspection.
+    The graph is traced from a copy of the model in its deploy form (BatchNorms folded where a
+    backbone has ``switch_to_deploy``, fused ops as their reference, export-unsafe modules
+    swapped; :func:`effvision.deploy.rewrites.make_exportable`). The files are written under
+    temporary names, checked with onnxruntime against the original PyTorch model on ``img`` (at
+    ``shape``, and for a dynamic export also at :func:`second_shape` and ``extra_sizes``), and
+    only then renamed into place: a failed export or a failed check never leaves a half-written
+    or unchecked ``end2end.onnx`` (files from an earlier export stay as they were). A model that
+    fails the check is kept as ``end2end.rejected.onnx`` (with ``deploy.rejected.json`` and
+    ``parity.rejected.json``) for inspection.
 
     Args:
-        segmentor: An mmseg ``EncoderDecoder`` in eval mode on CPU (SyncBN reverted).
+        segmentor: An mmseg ``EncoderDecoder`` in eval mode on CPU (SyncBN reverted); a DACS
+            model exports its student.
         out_dir: Output directory, created if needed.
         img: (H, W, 3) uint8 BGR image for the example input and the parity check.
         shape: (H, W) of the example input; the only size a static export accepts.
@@ -561,20 +496,26 @@ def export_onnx(
         dataset_meta: ``classes`` and ``palette``; default ``segmentor.dataset_meta``.
         extra_meta: More keys for ``deploy.json`` (e.g. config and checkpoint paths).
         extra_sizes: More (H, W) sizes to check a dynamic export at.
+        dynamic_range: ``(min, max)`` side length a dynamic export accepts for H and W
+            (default: 64 to 8192, widened to the example). Recorded in ``deploy.json`` and
+            enforced by the runners.
 
     Returns:
         (passed, parity results, path of the written or rejected ONNX file).
 
     Raises:
-        ExportError: The model cannot be captured as asked (e.g. H/W cannot stay dynamic).
+        ExportError: The model cannot be captured as asked (e.g. H/W cannot stay dynamic), or
+            the sizes asked for are inconsistent.
     """
     import onnx
 
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    segmentor = segmentor.eval()
+    dataset_meta = dataset_meta or getattr(segmentor, 'dataset_meta', None)
+    segmentor = _exported_segmentor(segmentor).eval()
+    _check_sizes(shape, dynamic, dynamic_range, extra_sizes)
+    SegLogitsWrapper(segmentor)  # refuses unsupported models before anything is copied
     # the graph is traced from a rewritten copy; parity is checked against the original model
-    wrapper = SegLogitsWrapper(make_exportable(segmentor)).eval()
+    exportable = make_exportable(segmentor, opset)
+    wrapper = SegLogitsWrapper(exportable).eval()
     pre = _data_preprocessor_meta(segmentor)
     head = segmentor.decode_head
     num_classes = int(getattr(head, 'out_channels', head.num_classes))
@@ -593,7 +534,7 @@ def export_onnx(
     # (torch.onnx.export on a module does this by itself; we capture with torch.export first).
     with torch.no_grad(), reference_ops():
         try:
-            exported = _capture(wrapper, example, dynamic)
+            exported, accepted = _capture(wrapper, example, dynamic, dynamic_range)
         except ExportError:
             raise
         except Exception as err:  # unsupported Python or ops inside the model
@@ -608,17 +549,17 @@ def export_onnx(
                 output_names=['logits'],
                 opset_version=opset,
                 verbose=False,
-                optimize=True,
+                optimize=False,  # one optimiser pass below, with limits that fold weights too
             )
         except Exception as err:  # the exporter raises many types; name the op that failed
             raise ExportError(
                 f'torch.onnx could not convert the model to ONNX opset {opset}: {_root_cause(err)}'
             ) from err
-    model_proto = program.model_proto
+    model_proto = _fold_weight_constants(program.model_proto)
     if dynamic:
         _rename_dims(model_proto, _symbol_names(exported, tuple(example.shape)))
 
-    meta = dict(dataset_meta or getattr(segmentor, 'dataset_meta', None) or {})
+    meta = dict(dataset_meta or {})
     classes = list(meta.get('classes') or [f'class_{i}' for i in range(max(num_classes, 2))])
     palette = [list(map(int, c)) for c in (meta.get('palette') or [])]
     deploy = {
@@ -631,6 +572,7 @@ def export_onnx(
             'dtype': 'float32',
             'shape': ['batch', 3, 'height', 'width'] if dynamic else list(example.shape),
             'example_shape': [1, *example.shape[1:]],
+            'range': {axis: list(bounds) for axis, bounds in accepted.items()},
         },
         'output': {
             'name': 'logits',
@@ -642,6 +584,14 @@ def export_onnx(
         'opset': int(
             next(o.version for o in model_proto.opset_import if o.domain in ('', 'ai.onnx'))
         ),
+        'deploy_forms': [
+            f'{name or "model"}: {type(exportable.get_submodule(name)).__name__}.switch_to_deploy()'
+            for name in exportable.deploy_forms
+        ]
+        + [
+            f'{name}: deformable conv as plain ops (opset < 19)'
+            for name in exportable.reference_forms
+        ],
         'preprocess': pre,
         'postprocess': {
             'resize': 'bilinear',
@@ -655,35 +605,97 @@ def export_onnx(
         **(extra_meta or {}),
     }
 
-    onnx_path, meta_path = out_dir / ONNX_FILE, out_dir / META_FILE
-    rejected_onnx, rejected_meta = out_dir / REJECTED_ONNX_FILE, out_dir / REJECTED_META_FILE
-    if extra_sizes and not dynamic:
-        raise ExportError('extra check sizes need a dynamic export: a static graph has one size')
-    sizes = [tuple(shape)] + ([second_shape(*shape), *map(tuple, extra_sizes)] if dynamic else [])
-    tmp_onnx, tmp_meta = _temp_path(onnx_path), _temp_path(meta_path)
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    sizes = [tuple(shape)]
+    if dynamic:
+        sizes.append(second_shape(*shape, accepted['height'], accepted['width']))
+        sizes += [tuple(size) for size in extra_sizes]
+    final = {name: out_dir / name for name in (ONNX_FILE, META_FILE, PARITY_FILE)}
+    rejected = {name: out_dir / _rejected_name(name) for name in final}
+    temp = {name: _temp_path(path) for name, path in final.items()}
     try:
-        onnx.save_model(model_proto, tmp_onnx)
-        runner = ORTSegmentor(tmp_onnx, deploy)
+        onnx.save_model(model_proto, temp[ONNX_FILE])
+        runner = ORTSegmentor(temp[ONNX_FILE], deploy)
         results = check_parity(segmentor, runner, np.ascontiguousarray(img), sizes)
         passed = all(r.ok_shape and r.agreement >= min_agreement for r in results)
-        deploy['parity'] = {
+        parity = {
             'passed': passed,
+            'backend': 'onnxruntime',
             'min_agreement': min_agreement,
-            'reference': 'mmseg EncoderDecoder.encode_decode (PyTorch, CPU)',
+            'reference': 'mmseg EncoderDecoder.encode_decode (PyTorch, CPU, float32)',
+            'image': (extra_meta or {}).get('parity_image'),
+            'max_abs_diff': max(r.max_abs_diff for r in results),
+            'min_agreement_measured': min(r.agreement for r in results),
             'results': [asdict(r) for r in results],
         }
-        tmp_meta.write_text(json.dumps(deploy, indent=2) + '\n')
+        deploy['parity'] = {'passed': passed, 'file': PARITY_FILE}
+        temp[PARITY_FILE].write_text(json.dumps(parity, indent=2) + '\n')
+        temp[META_FILE].write_text(json.dumps(deploy, indent=2) + '\n')
         # Rename only now: readers never see a partial or unchecked end2end.onnx. A model that
         # failed the check is kept under names no loader picks up, for inspection.
-        final_onnx, final_meta = (
-            (onnx_path, meta_path) if passed else (rejected_onnx, rejected_meta)
-        )
-        os.replace(tmp_onnx, final_onnx)
-        os.replace(tmp_meta, final_meta)
+        target = final if passed else rejected
+        for name in (PARITY_FILE, ONNX_FILE, META_FILE):
+            os.replace(temp[name], target[name])
     finally:
-        tmp_onnx.unlink(missing_ok=True)
-        tmp_meta.unlink(missing_ok=True)
-    return passed, results, final_onnx
+        for path in temp.values():
+            path.unlink(missing_ok=True)
+    return passed, results, target[ONNX_FILE]
+
+
+def _exported_segmentor(segmentor):
+    """The EncoderDecoder that goes into the graph: the model, or a UDA model's student."""
+    if getattr(segmentor, 'decode_head', None) is None and hasattr(segmentor, 'model'):
+        return segmentor.model
+    return segmentor
+
+
+def _check_sizes(shape, dynamic, dynamic_range, extra_sizes) -> None:
+    """Refuses sizes that contradict each other before minutes of tracing are spent."""
+    if min(shape) <= 0:
+        raise ExportError(f'the export size must be positive, got {tuple(shape)}')
+    if not dynamic:
+        if extra_sizes:
+            raise ExportError(
+                'extra check sizes need a dynamic export: a static graph has one size'
+            )
+        if dynamic_range is not None:
+            raise ExportError('a size range needs a dynamic export (--dynamic MIN MAX)')
+        return
+    if dynamic_range is None:
+        return
+    lo, hi = dynamic_range
+    if not 1 <= lo <= hi:
+        raise ExportError(f'the dynamic range needs 1 <= MIN <= MAX, got {lo}..{hi}')
+    outside = [tuple(s) for s in [shape, *extra_sizes] if not (lo <= min(s) and max(s) <= hi)]
+    if outside:
+        raise ExportError(
+            f'sizes {outside} are outside the dynamic range {lo}..{hi}; pass an export size '
+            '(--shape) and check sizes inside it, or widen the range'
+        )
+
+
+def _fold_weight_constants(model_proto):
+    """The exporter's optimiser (onnxscript), folding every computation on weights alone.
+
+    With its default limits the optimiser leaves nodes on tensors above 8192 elements unfolded
+    (e.g. MOAT's padding of its depthwise kernels), and onnxruntime 1.31's own constant folding
+    breaks on such a Pad (the graph then fails to load: "Node input 'pad_7' is not a graph
+    input, initializer, or output of a previous node"). With the limits raised to any weight's
+    size, the graph has the same numbers, every backend loads it, and TensorRT is spared the
+    work.
+    """
+    import onnxscript.optimizer
+
+    limit = 1 << 28
+    return onnxscript.optimizer.optimize(
+        model_proto, input_size_limit=limit, output_size_limit=limit
+    )
+
+
+def _rejected_name(name: str) -> str:
+    stem, dot, ext = name.rpartition('.')
+    return f'{stem}.rejected{dot}{ext}'
 
 
 def _temp_path(path: Path) -> Path:

@@ -24,8 +24,9 @@ from torch import Tensor
 from effvision.registry import MODELS
 
 from .onnx import META_FILE, ONNX_FILE, ORTSegmentor
+from .runner import InputShapeError
 
-BACKENDS = ('onnxruntime',)
+BACKENDS = ('onnxruntime', 'tensorrt')
 
 
 class DeployedModelError(ValueError):
@@ -42,7 +43,7 @@ class DeployedSegmentor(BaseSegmentor):
             channel order must be the ones the model was exported with.
         test_cfg: The PyTorch model's ``test_cfg`` (``mode='whole'`` or ``'slide'`` with
             ``crop_size`` and ``stride``).
-        backend: ``'onnxruntime'`` (TensorRT is not implemented).
+        backend: ``'onnxruntime'`` or ``'tensorrt'`` (the folder's ``end2end.engine``).
         providers: onnxruntime execution providers (default: CPU).
         num_classes: Classes the config's decode head predicts; checked against the export.
     """
@@ -61,7 +62,12 @@ class DeployedSegmentor(BaseSegmentor):
             raise DeployedModelError(
                 f'backend {backend!r} is not available; implemented: {", ".join(BACKENDS)}'
             )
-        self.runner = ORTSegmentor.from_dir(deploy_dir, providers)
+        if backend == 'tensorrt':
+            from .tensorrt import TRTSegmentor
+
+            self.runner = TRTSegmentor.from_dir(deploy_dir)
+        else:
+            self.runner = ORTSegmentor.from_dir(deploy_dir, providers)
         meta = self.runner.meta
         self.test_cfg = ConfigDict({'mode': 'whole', **(test_cfg or {})})
         self._check_preprocessing(meta['preprocess'], deploy_dir)
@@ -118,6 +124,12 @@ class DeployedSegmentor(BaseSegmentor):
                 f'{size[0]}x{size[1]} inputs; re-export with --dynamic, or make the test '
                 f'pipeline produce {h}x{w} images (or slide inference with {h}x{w} crops)'
             )
+        try:
+            self.runner.check_input(inputs.shape)
+        except InputShapeError as err:
+            raise DeployedModelError(
+                f'{err} (the test pipeline or slide crops decide the size the model gets)'
+            ) from None
         array = inputs.detach().to('cpu', torch.float32).numpy()
         logits = self.runner.logits(np.ascontiguousarray(array))
         return torch.from_numpy(logits).to(inputs.device)
@@ -143,19 +155,23 @@ def deployed_model_cfg(
     Keeps the PyTorch model's data preprocessor and ``test_cfg``; refuses configs that are not
     mmseg segmentors (panoptic and detection models have no exported form yet).
     """
-    for name in (ONNX_FILE, META_FILE):
+    from .tensorrt import ENGINE_FILE
+
+    model_file = ENGINE_FILE if backend == 'tensorrt' else ONNX_FILE
+    for name in (model_file, META_FILE):
         if not (Path(deploy_dir) / name).is_file():
             raise DeployedModelError(
                 f'{Path(deploy_dir) / name} not found: --backend {backend} takes the folder '
                 f'written by tools/deploy.py (`python tools/deploy.py CONFIG CHECKPOINT '
-                f'--out-dir {deploy_dir}`)'
+                f'--out-dir {deploy_dir} --backend {backend}`)'
             )
     if 'data_preprocessor' not in model_cfg or 'panoptic_head' in model_cfg:
         raise DeployedModelError(
             f'--backend {backend} runs exported semantic-segmentation models (mmseg configs '
             f'with a data_preprocessor); {model_cfg.get("type")} is not one'
         )
-    head = model_cfg.get('decode_head')
+    # a UDA model (DACS) keeps its segmentor under 'model'; the export is that student
+    head = model_cfg.get('decode_head') or (model_cfg.get('model') or {}).get('decode_head')
     return dict(
         type='effvision.DeployedSegmentor',
         deploy_dir=os.path.abspath(deploy_dir),
@@ -174,7 +190,7 @@ def init_deployed_model(
     Args:
         config: The config file (or ``Config``) the model was exported from.
         deploy_dir: Folder written by ``tools/deploy.py``.
-        backend: ``'onnxruntime'``.
+        backend: ``'onnxruntime'`` or ``'tensorrt'``.
 
     Returns:
         The :class:`DeployedSegmentor` in eval mode, with ``cfg`` and ``dataset_meta`` (classes

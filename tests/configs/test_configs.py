@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import re
 from pathlib import Path
 
 import pytest
@@ -17,27 +16,7 @@ from mmengine.utils import import_modules_from_strings
 
 from effvision.registry import DATASETS, MODELS
 from effvision.utils import register_all_modules
-from tests.conftest import REPO_ROOT
-
-CONFIGS = sorted(p for p in (REPO_ROOT / 'configs').rglob('*.py') if '_base_' not in p.parts)
-# Backbone variants whose configs run in every CI run; a config of another variant of the same
-# backbone repeats one of these recipes at other widths/depths and runs in `make test-all` (slow),
-# which keeps `make test` near its time budget. Every config of the heads and of the demos (the
-# narrow 'nano' Swin) runs.
-CI_VARIANTS = {
-    'swin': {'t', 'nano'}, 'cswin': {'t'}, 'nextvit': {'s'}, 'efficientformer': {'l1'},
-    'efficientformerv2': {'s0'}, 'biformer': {'s'}, 'moat': {'0'},
-}  # fmt: skip
-
-
-def _variant_param(path: Path):
-    """The config as a test parameter, marked slow when it is a non-CI backbone variant."""
-    match = re.search(r'_([a-z0-9]+)-([a-z0-9]+)_', path.name)
-    family, variant = match.groups() if match else (None, None)
-    if family in CI_VARIANTS and variant not in CI_VARIANTS[family]:
-        return pytest.param(path, marks=pytest.mark.slow)
-    return path
-
+from tests.conftest import CONFIGS, REPO_ROOT, config_param
 
 SIZE = (64, 64)
 
@@ -163,7 +142,7 @@ def is_uda(cfg: Config) -> bool:
 
 @pytest.mark.parametrize(
     'path',
-    [_variant_param(p) for p in CONFIGS],
+    [config_param(p) for p in CONFIGS],
     ids=lambda p: str(p.relative_to(REPO_ROOT / 'configs')),
 )
 def test_config_trains_and_predicts(path: Path, request):

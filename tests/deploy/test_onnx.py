@@ -16,6 +16,7 @@ import torch
 
 from effvision.deploy.onnx import (
     ExportError,
+    InputShapeError,
     ORTSegmentor,
     SegLogitsWrapper,
     check_parity,
@@ -65,10 +66,11 @@ def test_static_export_and_parity_on_the_first_val_image(config, checkpoint, sha
     h, w = crop_size(config)
     assert float(match['agree']) >= 99.9 and int(match['pixels']) == h * w
     assert float(match['diff']) < 1e-3
-    assert sorted(p.name for p in out.iterdir()) == ['deploy.json', 'end2end.onnx']
+    assert sorted(p.name for p in out.iterdir()) == ['deploy.json', 'end2end.onnx', 'parity.json']
 
     meta = json.loads((out / 'deploy.json').read_text())
     assert meta['input']['shape'] == [1, 3, h, w] and not meta['dynamic']
+    assert meta['input']['range'] == {'batch': [1, 1], 'height': [h, h], 'width': [w, w]}
     assert meta['output']['shape'] == [1, 9, h, w] and meta['num_classes'] == 9
     assert meta['preprocess'] == {
         'mean': [123.675, 116.28, 103.53], 'std': [58.395, 57.12, 57.375], 'bgr_to_rgb': True
@@ -76,7 +78,12 @@ def test_static_export_and_parity_on_the_first_val_image(config, checkpoint, sha
     assert len(meta['classes']) == len(meta['palette']) == 9
     assert meta['opset'] == 18 and {'torch', 'onnx', 'onnxruntime'} <= set(meta['versions'])
     first_val = sorted((shapes_root / 'images' / 'validation').iterdir())[0]
-    assert meta['parity_image'] == str(first_val) and meta['parity']['passed']
+    assert meta['parity_image'] == str(first_val)
+    assert meta['parity'] == {'passed': True, 'file': 'parity.json'}
+    parity = json.loads((out / 'parity.json').read_text())
+    assert parity['passed'] and parity['image'] == str(first_val)
+    assert parity['min_agreement_measured'] >= 0.999 and parity['max_abs_diff'] < 1e-3
+    assert [r['shape'] for r in parity['results']] == [[1, 3, h, w]]
     graph = onnx.load(out / 'end2end.onnx').graph
     assert [i.name for i in graph.input] == ['input'] and [o.name for o in graph.output] == [
         'logits'
@@ -96,14 +103,14 @@ def test_dynamic_export_checks_a_second_size_and_runs_at_others(
     out = tmp_path / 'dynamic'
     image = sorted((shapes_root / 'images' / 'validation').iterdir())[1]
     proc = deploy(
-        config, checkpoint, '--out-dir', out, '--dynamic', '--image', image,
+        config, checkpoint, '--out-dir', out, '--dynamic', '32', '160', '--image', image,
         '--check-sizes', '72x100',
     )  # fmt: skip
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
     match = PARITY.search(proc.stdout)
     assert match, proc.stdout
     h, w = crop_size(config)
-    h2, w2 = second_shape(h, w)
+    h2, w2 = second_shape(h, w, (32, 160), (32, 160))
     assert match['sizes'] == f'1x{h}x{w}, 2x{h2}x{w2}, 2x72x100'
     pixels = h * w + 2 * h2 * w2 + 2 * 72 * 100
     assert float(match['agree']) >= 99.9 and int(match['pixels']) == pixels
@@ -118,6 +125,13 @@ def test_dynamic_export_checks_a_second_size_and_runs_at_others(
     runner = ORTSegmentor.from_dir(out)
     (result,) = check_parity(model, runner, read_image(image), [(h - 24, w + 40)])
     assert result.error is None and result.agreement >= 0.999, result
+    # The range passed on the command line is recorded and enforced, naming the fix.
+    meta = json.loads((out / 'deploy.json').read_text())
+    assert meta['input']['range']['height'] == meta['input']['range']['width'] == [32, 160]
+    with pytest.raises(InputShapeError, match=r'height 176 \(accepted: 32..160\).*--dynamic'):
+        runner.logits(runner.preprocess(read_image(image), (176, 64)))
+    with pytest.raises(InputShapeError, match=r'width 24 \(accepted: 32..160\)'):
+        runner.predict(image, size=(64, 24))
 
 
 # --- the dynamic-shape trap, on a real mmseg head ------------------------------------------------
@@ -195,10 +209,25 @@ def test_static_export_of_the_same_model_is_fine_and_failed_parity_is_not_publis
     assert not passed and rejected.name == 'end2end.rejected.onnx'
     assert path.read_bytes() == before
     assert sorted(p.name for p in tmp_path.iterdir()) == [
-        'deploy.json', 'deploy.rejected.json', 'end2end.onnx', 'end2end.rejected.onnx'
+        'deploy.json', 'deploy.rejected.json', 'end2end.onnx', 'end2end.rejected.onnx',
+        'parity.json', 'parity.rejected.json',
     ]  # fmt: skip
+    assert not json.loads((tmp_path / 'parity.rejected.json').read_text())['passed']
+    # A static model refuses other sizes in the runner, naming the fix.
+    runner = ORTSegmentor.from_dir(tmp_path)
+    with pytest.raises(InputShapeError, match=r'height 32 \(64 only\).*resize the input to 64x64'):
+        runner.logits(np.zeros((1, 3, 32, 64), np.float32))
     with pytest.raises(ExportError, match='need a dynamic export'):
         export_onnx(pinning_model, tmp_path, _image(), shape=(64, 64), extra_sizes=[(80, 80)])
+    with pytest.raises(ExportError, match='needs a dynamic export'):
+        export_onnx(pinning_model, tmp_path, _image(), shape=(64, 64), dynamic_range=(32, 128))
+    # Sizes outside the range are refused before anything is traced or written.
+    with pytest.raises(ExportError, match=r'outside the dynamic range 96..128'):
+        export_onnx(
+            pinning_model, tmp_path / 'r', _image(), shape=(64, 64), dynamic=True,
+            dynamic_range=(96, 128),
+        )  # fmt: skip
+    assert not (tmp_path / 'r').exists()
 
 
 def test_cli_errors_are_one_line(tmp_path):
@@ -214,3 +243,59 @@ def test_cli_errors_are_one_line(tmp_path):
     assert proc.returncode != 0 and 'Traceback' not in proc.stderr
     (line,) = proc.stderr.strip().splitlines()
     assert 'x.jpg' in line and 'not found' in line
+
+
+@pytest.mark.parametrize(
+    'flags, message',
+    [
+        (['--dynamic', '256'], '--dynamic takes no value or MIN MAX'),
+        (['--dynamic', '512', '256'], '1 <= MIN <= MAX'),
+        (['--check-sizes', '72x100'], '--check-sizes needs --dynamic'),
+        (['--fp16'], 'add --backend tensorrt'),
+        (['--backend', 'tensorrt', '--int8'], '--int8 needs --calib-dir'),
+        (['--backend', 'tensorrt', '--fp16', '--int8'], 'not both'),
+        (['--backend', 'tensorrt', '--int8', '--calib-dir', 'nowhere'], 'is not a folder'),
+    ],
+)
+def test_inconsistent_options_are_refused_in_one_line_before_anything_is_written(
+    tmp_path, flags, message
+):
+    config, checkpoint = tmp_path / 'cfg.py', tmp_path / 'model.pth'
+    config.write_text('')
+    checkpoint.write_bytes(b'')
+    out = tmp_path / 'out'
+    proc = deploy(config, checkpoint, '--out-dir', out, *flags)
+    assert proc.returncode != 0 and 'Traceback' not in proc.stderr
+    (line,) = proc.stderr.strip().splitlines()
+    assert message in line, line
+    assert not out.exists()
+
+
+def test_tensorrt_backend_without_tensorrt_stops_before_writing(tmp_path):
+    from effvision.deploy.tensorrt import unavailable_reason
+
+    reason = unavailable_reason()
+    if reason is None:
+        pytest.skip('TensorRT and a GPU are present: tests/deploy/test_tensorrt.py builds engines')
+    config, checkpoint = tmp_path / 'cfg.py', tmp_path / 'model.pth'
+    config.write_text('')
+    checkpoint.write_bytes(b'')
+    proc = deploy(config, checkpoint, '--out-dir', tmp_path / 'out', '--backend', 'tensorrt')
+    assert proc.returncode != 0 and 'Traceback' not in proc.stderr
+    (line,) = proc.stderr.strip().splitlines()
+    assert reason in line and 'nothing was written' in line
+    assert not (tmp_path / 'out').exists()
+
+
+def test_a_checkpoint_of_another_model_is_refused_in_one_line(tmp_path):
+    from effvision.apis import init_model
+
+    model = init_model(TINY_CONFIG)
+    checkpoint = tmp_path / 'tiny.pth'
+    torch.save({'state_dict': model.state_dict(), 'meta': {}}, checkpoint)
+    out = tmp_path / 'out'
+    proc = deploy(QUICKSTART, checkpoint, '--out-dir', out, '--image', QUICKSTART)
+    assert proc.returncode != 0 and 'Traceback' not in proc.stderr
+    line = proc.stderr.strip().splitlines()[-1]
+    assert 'deploy.py: error:' in line and 'checkpoint' in line.lower(), proc.stderr[-2000:]
+    assert not out.exists()
