@@ -188,7 +188,7 @@ def _check_args(args: argparse.Namespace) -> None:
         if given
     ]  # fmt: skip
     if trt_only and args.backend != 'tensorrt':
-        _fail(f'{" ".join(trt_only)} build a TensorRT engine; add --backend tensorrt.')
+        _fail(f'{" ".join(trt_only)}: TensorRT options; add --backend tensorrt.')
     if args.fp16 and args.int8:
         _fail('pass --fp16 or --int8, not both (an int8 engine falls back to fp16 by itself).')
     if args.int8 and not args.calib_dir:
