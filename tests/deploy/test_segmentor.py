@@ -154,7 +154,10 @@ def test_deployed_segmentor_checks_classes_and_backend(exported):
     )  # fmt: skip
     with pytest.raises(ValueError, match='predicts 9 classes but the config has 19'):
         DeployedSegmentor(exported['dynamic'], preprocessor, num_classes=19)
-    with pytest.raises(ValueError, match="backend 'tensorrt' is not available"):
+    with pytest.raises(ValueError, match="backend 'tvm' is not available"):
+        DeployedSegmentor(exported['dynamic'], preprocessor, backend='tvm')
+    # a folder with the ONNX file only: the engine must be built first, with that command
+    with pytest.raises(FileNotFoundError, match='end2end.engine not found.*--backend tensorrt'):
         DeployedSegmentor(exported['dynamic'], preprocessor, backend='tensorrt')
     model = DeployedSegmentor(exported['dynamic'], preprocessor)
     with pytest.raises(NotImplementedError, match='cannot be trained'):
