@@ -206,18 +206,6 @@ def _check_args(args: argparse.Namespace) -> None:
                   'exports without it).')  # fmt: skip
 
 
-def _build(build_engine, args, out_dir, engine_path, meta, precision, calib, sizes) -> dict:
-    return build_engine(
-        osp.join(out_dir, 'end2end.onnx'),
-        engine_path,
-        meta,
-        precision=precision,
-        calib_batches=calib,
-        max_batch=args.max_batch or max(shape[0] for shape in sizes),
-        max_size=tuple(args.max_size) if args.max_size else None,
-    )
-
-
 def _in_profile(runner, shape) -> bool:
     try:
         runner.check_input(shape)
@@ -236,6 +224,7 @@ def build_tensorrt(args, model, img, out_dir: str, sizes) -> bool:
 
     from effvision.deploy.onnx import (
         META_FILE,
+        ONNX_FILE,
         PARITY_FILE,
         ORTSegmentor,
         check_parity,
@@ -259,7 +248,15 @@ def build_tensorrt(args, model, img, out_dir: str, sizes) -> bool:
         calib = load_calibration_batches(args.calib_dir, ort_runner, limit=args.calib_images)
     engine_path = osp.join(out_dir, ENGINE_FILE)
     try:
-        info = _build(build_engine, args, out_dir, engine_path, meta, precision, calib, sizes)
+        info = build_engine(
+            osp.join(out_dir, ONNX_FILE),
+            engine_path,
+            meta,
+            precision=precision,
+            calib_batches=calib,
+            max_batch=args.max_batch or max(shape[0] for shape in sizes),
+            max_size=tuple(args.max_size) if args.max_size else None,
+        )
     except (TensorRTError, ValueError) as err:
         _fail(f'{err} (the checked ONNX export in {out_dir} is kept; end2end.engine was not '
               'written)')  # fmt: skip
