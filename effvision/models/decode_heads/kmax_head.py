@@ -1280,6 +1280,7 @@ class KMaXHead(MaskClassificationHead):
     """
 
     mask_activation = 'softmax'
+    mask_align_corners = 'odd_width'  # official: align_corners iff the canvas width is odd
 
     def __init__(
         self,
@@ -1319,10 +1320,6 @@ class KMaXHead(MaskClassificationHead):
             super().init_weights()
         else:
             init_official_weights(self)
-
-    def upsample_align_corners(self, size: tuple[int, int]) -> bool:
-        """Official: ``align_corners`` iff the padded canvas width is odd."""
-        return size[1] % 2 == 1
 
     def forward(self, inputs: Sequence[Tensor]) -> dict:
         """Class and mask logits of the final prediction and of every kMaX layer.

@@ -194,6 +194,18 @@ def kmax_panoptic_inference(
     return panoptic
 
 
+# When the bilinear upsampling of mask logits to the input size aligns corners: 'never' (PEM,
+# Mask2Former), or 'odd_width' (kMaX-DeepLab: iff the padded canvas width is odd, as official).
+ALIGN_CORNERS_RULES = ('never', 'odd_width')
+
+
+def mask_upsample_align_corners(rule: str, size: tuple[int, int]) -> bool:
+    """``align_corners`` of the mask upsampling to ``size`` (H, W) under ``rule``."""
+    if rule not in ALIGN_CORNERS_RULES:
+        raise ValueError(f'align_corners rule must be one of {ALIGN_CORNERS_RULES}, got {rule!r}')
+    return rule == 'odd_width' and size[1] % 2 == 1
+
+
 def _resize(x: Tensor, size: tuple[int, int], align_corners: bool) -> Tensor:
     if tuple(x.shape[-2:]) == tuple(size):
         return x
@@ -205,8 +217,8 @@ class MaskClassificationHead(BaseModule):
 
     A subclass builds its network and criterion in ``__init__`` and implements ``forward(inputs)``
     returning the decoder output dict (``pred_logits (B, Q, K+1)``, ``pred_masks (B, Q, h, w)``,
-    ``aux_outputs``, ...). It sets ``mask_activation`` (``'sigmoid'`` / ``'softmax'``) and may
-    override :meth:`upsample_align_corners`.
+    ``aux_outputs``, ...). It sets ``mask_activation`` (``'sigmoid'`` / ``'softmax'``) and
+    ``mask_align_corners`` (one of :data:`ALIGN_CORNERS_RULES`).
 
     Args:
         num_classes: ``K``, classes without void. For panoptic use, things first.
@@ -221,6 +233,7 @@ class MaskClassificationHead(BaseModule):
     """
 
     mask_activation = 'sigmoid'
+    mask_align_corners = 'never'
 
     def __init__(
         self,
@@ -275,7 +288,7 @@ class MaskClassificationHead(BaseModule):
 
     def upsample_align_corners(self, size: tuple[int, int]) -> bool:
         """``align_corners`` of the bilinear mask upsampling to ``size`` (kMaX: odd width)."""
-        return False
+        return mask_upsample_align_corners(self.mask_align_corners, size)
 
     # ---------------------------------------------------------------------------------- targets
     def get_targets(self, batch_data_samples: list, pad_shape: tuple[int, int]) -> list[dict]:

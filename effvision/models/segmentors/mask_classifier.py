@@ -162,6 +162,37 @@ class MaskClassificationFusionHead(BaseModule):
         return results
 
 
+def attach_predictions(
+    fusion_head: MaskClassificationFusionHead,
+    cls_logits: Tensor,
+    mask_logits: Tensor,
+    batch_data_samples: list,
+    rescale: bool = True,
+) -> list:
+    """Merges a batch's logits and sets ``pred_panoptic_seg``/``pred_sem_seg`` on its samples.
+
+    Shared by the PyTorch model and the exported one (:mod:`effvision.deploy`), so both
+    post-process identically.
+
+    Args:
+        fusion_head: The model's fusion head (rule and thresholds).
+        cls_logits: ``(B, Q, K+1)`` class logits.
+        mask_logits: ``(B, Q, H, W)`` mask logits at the padded input size.
+        batch_data_samples: mmdet data samples with their metainfo.
+        rescale: Return maps at ``ori_shape``.
+
+    Returns:
+        The data samples, with their predictions set.
+    """
+    results = fusion_head.predict(cls_logits, mask_logits, batch_data_samples, rescale=rescale)
+    for sample, result in zip(batch_data_samples, results):
+        if 'pan_results' in result:
+            sample.pred_panoptic_seg = result['pan_results']
+        if 'sem_results' in result:
+            sample.pred_sem_seg = result['sem_results']
+    return batch_data_samples
+
+
 @MODELS.register_module()
 class PanopticMaskClassifier(MaskFormer):
     """mmdet's ``MaskFormer`` detector for effvision's mask-classification heads.
@@ -187,15 +218,9 @@ class PanopticMaskClassifier(MaskFormer):
         feats = self.extract_feat(batch_inputs)
         metas = [sample.metainfo for sample in batch_data_samples]
         cls_logits, mask_logits = self.panoptic_head.predict_mask_classification(feats, metas)
-        results = self.panoptic_fusion_head.predict(
-            cls_logits, mask_logits, batch_data_samples, rescale=rescale
+        return attach_predictions(
+            self.panoptic_fusion_head, cls_logits, mask_logits, batch_data_samples, rescale
         )
-        for sample, result in zip(batch_data_samples, results):
-            if 'pan_results' in result:
-                sample.pred_panoptic_seg = result['pan_results']
-            if 'sem_results' in result:
-                sample.pred_sem_seg = result['sem_results']
-        return batch_data_samples
 
     def _forward(self, batch_inputs: Tensor, batch_data_samples: list | None = None):
         """Raw class and mask logits (for export and inspection)."""
