@@ -12,6 +12,11 @@ size as ``int(size * factor)`` in floating point, which pins H and W under ``tor
 integer factor the output size is ``size * factor`` exactly, and giving it as a size produces the
 same numbers (the kernel's scale is ``in / out = 1 / factor`` either way), so those modules are
 swapped for :class:`ExportableUpsample`.
+
+``nn.MultiheadAttention`` reshapes its projections in a way that makes ``torch.export`` guard on
+the batch size being other than 1, which pins the batch of a dynamic export (PEM's query
+self-attention); :class:`ExportableMultiheadAttention` computes the same attention from the
+same parameters with shape-agnostic ops.
 """
 
 from __future__ import annotations
@@ -72,6 +77,66 @@ class ExportableUpsample(nn.Module):
         return F.interpolate(x, size=size, mode=self.mode, align_corners=self.align_corners)
 
 
+class ExportableMultiheadAttention(nn.Module):
+    """The inference of an ``nn.MultiheadAttention`` (no masks), sharing its parameters.
+
+    Args:
+        attention: The module to compute as; it must project q, k and v with one packed weight
+            (equal embedding sizes) and have no ``bias_k``/``bias_v``/``add_zero_attn``.
+    """
+
+    def __init__(self, attention: nn.MultiheadAttention) -> None:
+        super().__init__()
+        self.in_proj_weight = attention.in_proj_weight
+        self.in_proj_bias = attention.in_proj_bias
+        self.out_proj = attention.out_proj
+        self.num_heads = attention.num_heads
+        self.batch_first = attention.batch_first
+
+    @staticmethod
+    def supports(attention: nn.MultiheadAttention) -> bool:
+        return (
+            attention._qkv_same_embed_dim
+            and attention.bias_k is None
+            and attention.bias_v is None
+            and not attention.add_zero_attn
+        )
+
+    def forward(
+        self,
+        query: torch.Tensor,
+        key: torch.Tensor,
+        value: torch.Tensor,
+        key_padding_mask: torch.Tensor | None = None,
+        need_weights: bool = False,
+        attn_mask: torch.Tensor | None = None,
+        **kwargs,
+    ) -> tuple[torch.Tensor, None]:
+        """(B, L, C) query and (B, S, C) key/value (sequence-first when not ``batch_first``)
+        -> ((B, L, C) output, None)."""
+        if key_padding_mask is not None or attn_mask is not None or need_weights:
+            raise NotImplementedError(
+                'the export form of nn.MultiheadAttention takes no masks and returns no weights'
+            )
+        if not self.batch_first:
+            query, key, value = (t.transpose(0, 1) for t in (query, key, value))
+        w_q, w_k, w_v = self.in_proj_weight.chunk(3)
+        b_q, b_k, b_v = (
+            self.in_proj_bias.chunk(3) if self.in_proj_bias is not None else (None, None, None)
+        )
+
+        def heads(x: torch.Tensor) -> torch.Tensor:  # (B, L, C) -> (B, heads, L, C / heads)
+            return x.unflatten(-1, (self.num_heads, -1)).transpose(1, 2)
+
+        out = F.scaled_dot_product_attention(
+            heads(F.linear(query, w_q, b_q)),
+            heads(F.linear(key, w_k, b_k)),
+            heads(F.linear(value, w_v, b_v)),
+        )
+        out = self.out_proj(out.transpose(1, 2).flatten(2))
+        return (out if self.batch_first else out.transpose(0, 1)), None
+
+
 def _integer_factor(module: nn.Module) -> tuple[int, int] | None:
     """(fh, fw) of an upsampling module that scales by integer factors, else None."""
     if getattr(module, 'size', None) or getattr(module, 'scale_factor', None) is None:
@@ -91,6 +156,8 @@ def _exportable_replacement(module: nn.Module) -> nn.Module | None:
 
     if isinstance(module, nn.AdaptiveAvgPool2d):
         return ExportableAdaptiveAvgPool2d(module.output_size)
+    if isinstance(module, nn.MultiheadAttention) and ExportableMultiheadAttention.supports(module):
+        return ExportableMultiheadAttention(module)
     if isinstance(module, (nn.Upsample, MMSegUpsample)):
         factor = _integer_factor(module)
         if factor is not None:

@@ -11,6 +11,7 @@ from torch import nn
 
 from effvision.deploy.rewrites import (
     ExportableAdaptiveAvgPool2d,
+    ExportableMultiheadAttention,
     ExportableUpsample,
     apply_deploy_forms,
     make_exportable,
@@ -87,6 +88,53 @@ def test_upsampling_keeps_height_and_width_dynamic_in_onnx(tmp_path):
     x = torch.randn(1, 3, 13, 6)
     (out,) = session.run(None, {session.get_inputs()[0].name: x.numpy()})
     np.testing.assert_allclose(out, nn.Upsample(scale_factor=2, mode='bilinear')(x), atol=1e-6)
+
+
+@pytest.mark.parametrize('batch_first', [True, False])
+def test_multihead_attention_export_form_has_the_same_numbers(batch_first):
+    attention = nn.MultiheadAttention(32, 4, batch_first=batch_first).eval()
+    form = ExportableMultiheadAttention(attention)
+    assert form.in_proj_weight is attention.in_proj_weight  # shared, not copied
+    query, key = torch.randn(3, 10, 32), torch.randn(3, 7, 32)
+    if not batch_first:
+        query, key = query.transpose(0, 1), key.transpose(0, 1)
+    with torch.no_grad():
+        ref = attention(query, key, key, need_weights=False)[0]
+        out, weights = form(query, key, key, need_weights=False)
+    assert weights is None
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-6)
+    with pytest.raises(NotImplementedError, match='no masks'):
+        form(query, key, key, attn_mask=torch.zeros(10, 7, dtype=torch.bool))
+
+
+def test_multihead_attention_keeps_the_batch_dynamic():
+    # As PEM calls it (query = key != value), traced as the exporter traces (size-oblivious):
+    # nn.MultiheadAttention's own reshapes guard on batch != 1, which pins a dynamic batch.
+    from effvision.deploy.onnx import _size_oblivious
+
+    model = _SelfAttention(nn.MultiheadAttention(16, 2, batch_first=True)).eval()
+    exportable = make_exportable(model)
+    assert isinstance(exportable.attention, ExportableMultiheadAttention)
+    assert isinstance(model.attention, nn.MultiheadAttention)  # the original is untouched
+    dims = {0: torch.export.Dim('batch', min=1, max=64)}
+    example = (torch.randn(2, 5, 16),)
+    with torch.no_grad(), _size_oblivious():
+        with pytest.raises(Exception, match='batch'):
+            torch.export.export(model, example, dynamic_shapes=(dims,))
+        program = torch.export.export(exportable, example, dynamic_shapes=(dims,))
+    x = torch.randn(1, 5, 16)
+    with torch.no_grad():
+        torch.testing.assert_close(program.module()(x), model(x), rtol=1e-5, atol=1e-6)
+
+
+class _SelfAttention(nn.Module):
+    def __init__(self, attention: nn.Module) -> None:
+        super().__init__()
+        self.attention = attention
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        qk = x + 1
+        return self.attention(qk, qk, x, need_weights=False)[0]
 
 
 class _Foldable(nn.Module):

@@ -206,7 +206,9 @@ def modulated_deform_conv2d_reference(
             f'{offset.shape[1]} and {mask.shape[1]}'
         )
     h_out, w_out = offset.shape[-2:]
-    offset = offset.reshape(b, taps, 2, h_out, w_out)
+    # unflatten, not reshape: reshape's view-or-copy choice on a sliced offset would guard on
+    # the batch size (B != 1) under torch.export and pin it
+    offset = offset.unflatten(1, (taps, 2))
     tap_y = torch.arange(kh, dtype=x.dtype, device=x.device).repeat_interleave(kw)
     tap_x = torch.arange(kw, dtype=x.dtype, device=x.device).repeat(kh)
     base_y = torch.arange(h_out, dtype=x.dtype, device=x.device) * stride - padding
@@ -372,8 +374,14 @@ def _fit_to(up: torch.Tensor, like: torch.Tensor, coarse: str, fine: str) -> tor
             'size_divisor=32 in the data preprocessor).'
         )
 
-    # torch._check instead of `if`: under torch.export it becomes a runtime assertion, not a
-    # guard that would pin the symbolic sizes.
+    # Checked in eager only: the backbone's ceil-halving makes it hold for every input size,
+    # but the symbolic solver of torch.export cannot prove 2*ceil(x/2) >= x through the chain of
+    # strides and would turn the check into a guard that restricts H and W to multiples of 32.
+    # For the same reason the crop is a gather there: a slice guards that its end fits.
+    if torch.compiler.is_exporting():
+        rows = torch.arange(h, device=up.device)
+        cols = torch.arange(w, device=up.device)
+        return up.index_select(-2, rows).index_select(-1, cols)
     torch._check(up.shape[-2] >= h, message)
     torch._check(up.shape[-1] >= w, message)
     return up[..., :h, :w]
