@@ -1,7 +1,9 @@
 """Export a segmentor to ONNX (and a TensorRT engine) and check it against PyTorch.
 
 Writes ``OUT_DIR/end2end.onnx`` (input ``input``: normalised float32 NCHW; output ``logits``:
-(N, num_classes, H, W) at the input size), ``OUT_DIR/deploy.json`` (classes, palette,
+(N, num_classes, H, W) at the input size; a panoptic kMaX-DeepLab / PEM config: ``cls_logits``
+(N, Q, K+1) and ``mask_logits`` (N, Q, H/4, W/4), merged on the host as ``deploy.json``
+records), ``OUT_DIR/deploy.json`` (classes, palette,
 normalisation, shapes and their range, opset, deploy forms, versions) and ``OUT_DIR/parity.json``
 (onnxruntime against PyTorch at every checked size), then prints one line::
 
@@ -136,8 +138,10 @@ def _fail(message: str) -> NoReturn:
 
 
 def default_shape(cfg) -> tuple[int, int] | None:
-    """The (H, W) a config trains at: ``data_preprocessor.size``, else ``crop_size``."""
-    size = (cfg.model.get('data_preprocessor') or {}).get('size') or cfg.get('crop_size')
+    """The (H, W) a config runs at: its preprocessor's ``size`` or ``canvas`` (kMaX-DeepLab
+    pads every batch to it), else ``crop_size``."""
+    preprocessor = cfg.model.get('data_preprocessor') or {}
+    size = preprocessor.get('size') or preprocessor.get('canvas') or cfg.get('crop_size')
     if size is None:
         return None
     size = (size, size) if isinstance(size, int) else tuple(size)
@@ -267,7 +271,7 @@ def build_tensorrt(args, model, img, out_dir: str, sizes) -> bool:
         _fail('the engine takes none of the checked sizes: widen --max-size/--max-batch')
     results = check_parity(model, runner, img, [shape[2:] for shape in sizes])
     needed = REDUCED_PRECISION_AGREEMENT.get(precision, args.min_agreement)
-    passed = all(r.ok_shape and r.agreement >= needed for r in results)
+    passed = all(r.passes(needed) for r in results)
     print(format_parity(results).replace('ONNX parity', f'TensorRT {precision} parity'))
     if not passed:
         rejected = osp.join(out_dir, 'end2end.rejected.engine')

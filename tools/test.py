@@ -13,7 +13,9 @@ argument is then the folder written by ``tools/deploy.py`` (``end2end.onnx`` or
 ``end2end.engine`` + ``deploy.json``), and the config's
 data pipeline, preprocessing, whole/slide inference, post-processing and metric are used
 unchanged (``effvision.deploy.DeployedSegmentor``), so the metric compares with PyTorch's.
-Semantic-segmentation (mmseg) configs only.
+Panoptic kMaX-DeepLab / PEM configs run through ``effvision.deploy.DeployedPanopticSegmentor``
+(the config's fusion head merges the exported logits: PQ and mIoU as with PyTorch); detection
+configs (Mask R-CNN) have no exported form.
 
 Besides, checkpoints written by mmengine load on torch >= 2.6 with ``weights_only`` kept on, and a
 missing config or checkpoint is reported in one line before the runner is built.

@@ -15,9 +15,11 @@ from .onnx import (
     format_parity,
     second_shape,
 )
+from .panoptic import PanopticLogitsWrapper
 from .runner import SegmentorRunner
 from .segmentor import (
     DeployedModelError,
+    DeployedPanopticSegmentor,
     DeployedSegmentor,
     deployed_model_cfg,
     init_deployed_model,
@@ -26,6 +28,7 @@ from .segmentor import (
 __all__ = [
     'DEFAULT_OPSET',
     'DeployedModelError',
+    'DeployedPanopticSegmentor',
     'DeployedSegmentor',
     'META_FILE',
     'ONNX_FILE',
@@ -33,6 +36,7 @@ __all__ = [
     'ExportError',
     'InputShapeError',
     'ORTSegmentor',
+    'PanopticLogitsWrapper',
     'ParityResult',
     'SegLogitsWrapper',
     'SegmentorRunner',

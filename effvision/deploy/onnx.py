@@ -7,6 +7,9 @@ The exported graph is the network only::
     output 'logits'  float32 (N, num_classes, H, W), the decode head's logits resized bilinearly
                      to the input size, as EncoderDecoder.predict does for an unpadded image
 
+(a panoptic kMaX-DeepLab / PEM model has class and mask logits instead, merged on the host:
+:mod:`effvision.deploy.panoptic`).
+
 Normalisation, resizing and argmax stay outside the graph so that the same file serves
 onnxruntime, TensorRT and any pre/post-processing a deployment prefers; ``deploy.json`` next to
 ``end2end.onnx`` records what they must do (mean, std, channel order, input shape, classes,
@@ -133,14 +136,15 @@ class ORTSegmentor(SegmentorRunner):
                 )
         return cls(deploy_dir / ONNX_FILE, deploy_dir / META_FILE, providers)
 
-    def logits(self, inputs: np.ndarray) -> np.ndarray:
-        """Runs the graph: (N, 3, H, W) normalised float32 -> (N, C, H, W) logits.
+    def run(self, inputs: np.ndarray) -> dict[str, np.ndarray]:
+        """Runs the graph on (N, 3, H, W) normalised float32: every output, by name.
 
         Raises:
             InputShapeError: The shape is outside what the model was exported for.
         """
         self.check_input(inputs.shape)
-        return self.session.run([self.output_name], {self.input_name: inputs})[0]
+        outputs = self.session.run(self.output_names, {self.input_name: inputs})
+        return dict(zip(self.output_names, outputs))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -171,8 +175,9 @@ class SegLogitsWrapper(nn.Module):
         ):
             raise ExportError(
                 f'{type(segmentor).__name__} has no ONNX export yet: semantic segmentors '
-                '(EncoderDecoder with one decode_head, DACS) export; panoptic and detection '
-                'models (mmdet configs) do not. Evaluate those with --backend pytorch.'
+                '(EncoderDecoder with one decode_head, DACS) and panoptic mask-classification '
+                'models (kMaX-DeepLab, PEM) export; detection models (Mask R-CNN) do not. '
+                'Evaluate those with --backend pytorch.'
             )
         self.segmentor = segmentor
         self.align_corners = bool(getattr(head, 'align_corners', False))
@@ -214,11 +219,20 @@ def _data_preprocessor_meta(segmentor) -> dict[str, Any]:
         mean, std = mean.flatten().tolist(), std.flatten().tolist()
     # The buffers are float32: write the shortest decimal that round-trips (123.675, not
     # 123.67500305175781), which is what the config said.
-    return dict(
+    meta = dict(
         mean=[float(str(np.float32(v))) for v in mean],
         std=[float(str(np.float32(v))) for v in std],
-        bgr_to_rgb=bool(getattr(dp, 'channel_conversion', False)),
+        # mmseg's SegDataPreProcessor names it channel_conversion, mmengine's (mmdet's) with _
+        bgr_to_rgb=bool(
+            getattr(dp, 'channel_conversion', getattr(dp, '_channel_conversion', False))
+        ),
     )
+    if hasattr(dp, 'pad_size_divisor'):  # mmdet: what the host pads a batch to
+        meta['pad_size_divisor'] = int(dp.pad_size_divisor)
+        meta['pad_value'] = float(dp.pad_value)
+    if hasattr(dp, 'canvas'):  # kMaX: every batch is padded to one canvas, zeros after normalising
+        meta['canvas'] = list(dp.canvas)
+    return meta
 
 
 def _is_range_only(old: dict, new: dict) -> bool:
@@ -360,10 +374,20 @@ class ParityResult:
     agreement: float  # fraction of pixels whose argmax (class id) agrees
     pixels: int  # N * H * W
     error: str | None = None  # onnxruntime refused the input (e.g. a pinned size)
+    # panoptic exports: fraction of pixels with the same panoptic id after the host's merging
+    panoptic_agreement: float | None = None
 
     @property
     def ok_shape(self) -> bool:
         return self.error is None
+
+    def passes(self, min_agreement: float) -> bool:
+        """Ran, and the class (and panoptic) agreement reach ``min_agreement``."""
+        return (
+            self.ok_shape
+            and self.agreement >= min_agreement
+            and (self.panoptic_agreement is None or self.panoptic_agreement >= min_agreement)
+        )
 
 
 def second_shape(
@@ -402,6 +426,10 @@ def check_parity(
     Returns:
         list[ParityResult]: One per size.
     """
+    if runner.task == 'panoptic':
+        from .panoptic import check_panoptic_parity
+
+        return check_panoptic_parity(segmentor, runner, img, sizes)
     results = []
     for i, size in enumerate(sizes):
         x = runner.preprocess(img, size)
@@ -453,9 +481,11 @@ def format_parity(results: Sequence[ParityResult]) -> str:
     max_diff = max(r.max_abs_diff for r in results)
     agreement = min(r.agreement for r in results)
     pixels = sum(r.pixels for r in results)
+    panoptic = [r.panoptic_agreement for r in results if r.panoptic_agreement is not None]
+    panoptic_text = f' panoptic agreement={100 * min(panoptic):.3f}%' if panoptic else ''
     return (
-        f'ONNX parity: max|Δlogit|={max_diff:.3g} argmax agreement={100 * agreement:.3f}% '
-        f'({pixels} pixels; NxHxW {sizes})'
+        f'ONNX parity: max|Δlogit|={max_diff:.3g} argmax agreement={100 * agreement:.3f}%'
+        f'{panoptic_text} ({pixels} pixels; NxHxW {sizes})'
     )
 
 
@@ -486,7 +516,8 @@ def export_onnx(
 
     Args:
         segmentor: An mmseg ``EncoderDecoder`` in eval mode on CPU (SyncBN reverted); a DACS
-            model exports its student.
+            model exports its student; a ``PanopticMaskClassifier`` exports its class and mask
+            logits (:mod:`effvision.deploy.panoptic`).
         out_dir: Output directory, created if needed.
         img: (H, W, 3) uint8 BGR image for the example input and the parity check.
         shape: (H, W) of the example input; the only size a static export accepts.
@@ -509,16 +540,21 @@ def export_onnx(
     """
     import onnx
 
+    from .panoptic import OUTPUT_NAMES, PanopticLogitsWrapper, is_panoptic
+
     dataset_meta = dataset_meta or getattr(segmentor, 'dataset_meta', None)
     segmentor = _exported_segmentor(segmentor).eval()
     _check_sizes(shape, dynamic, dynamic_range, extra_sizes)
-    SegLogitsWrapper(segmentor)  # refuses unsupported models before anything is copied
+    panoptic = is_panoptic(segmentor)
+    wrapper_type = PanopticLogitsWrapper if panoptic else SegLogitsWrapper
+    wrapper_type(segmentor)  # refuses unsupported models before anything is copied
     # the graph is traced from a rewritten copy; parity is checked against the original model
     exportable = make_exportable(segmentor, opset)
-    wrapper = SegLogitsWrapper(exportable).eval()
+    wrapper = wrapper_type(exportable).eval()
     pre = _data_preprocessor_meta(segmentor)
-    head = segmentor.decode_head
+    head = segmentor.panoptic_head if panoptic else segmentor.decode_head
     num_classes = int(getattr(head, 'out_channels', head.num_classes))
+    output_names = list(OUTPUT_NAMES) if panoptic else ['logits']
 
     x = normalize_image(
         np.ascontiguousarray(
@@ -546,7 +582,7 @@ def export_onnx(
                 exported,
                 dynamo=True,
                 input_names=['input'],
-                output_names=['logits'],
+                output_names=output_names,
                 opset_version=opset,
                 verbose=False,
                 optimize=False,  # one optimiser pass below, with limits that fold weights too
@@ -562,8 +598,27 @@ def export_onnx(
     meta = dict(dataset_meta or {})
     classes = list(meta.get('classes') or [f'class_{i}' for i in range(max(num_classes, 2))])
     palette = [list(map(int, c)) for c in (meta.get('palette') or [])]
+    if panoptic:
+        from .panoptic import panoptic_postprocess_meta
+
+        outputs = _graph_outputs(model_proto)
+        output, postprocess = outputs[0], panoptic_postprocess_meta(segmentor)
+    else:
+        outputs = None
+        output = {
+            'name': 'logits',
+            'shape': ['batch', num_classes, 'height', 'width']
+            if dynamic
+            else [*example.shape[:1], num_classes, *example.shape[2:]],
+        }
+        postprocess = {
+            'resize': 'bilinear',
+            'align_corners': bool(getattr(head, 'align_corners', False)),
+            'threshold': float(head.threshold) if num_classes == 1 else None,
+        }
     deploy = {
         'format': DEPLOY_FORMAT,
+        'task': 'panoptic' if panoptic else 'semantic',
         'onnx_file': ONNX_FILE,
         'created': datetime.datetime.now().isoformat(timespec='seconds'),
         'input': {
@@ -574,12 +629,8 @@ def export_onnx(
             'example_shape': [1, *example.shape[1:]],
             'range': {axis: list(bounds) for axis, bounds in accepted.items()},
         },
-        'output': {
-            'name': 'logits',
-            'shape': ['batch', num_classes, 'height', 'width']
-            if dynamic
-            else [*example.shape[:1], num_classes, *example.shape[2:]],
-        },
+        'output': output,
+        **({'outputs': outputs} if outputs else {}),
         'dynamic': bool(dynamic),
         'opset': int(
             next(o.version for o in model_proto.opset_import if o.domain in ('', 'ai.onnx'))
@@ -593,11 +644,7 @@ def export_onnx(
             for name in exportable.reference_forms
         ],
         'preprocess': pre,
-        'postprocess': {
-            'resize': 'bilinear',
-            'align_corners': bool(getattr(head, 'align_corners', False)),
-            'threshold': float(head.threshold) if num_classes == 1 else None,
-        },
+        'postprocess': postprocess,
         'num_classes': num_classes,
         'classes': classes,
         'palette': palette,
@@ -618,12 +665,17 @@ def export_onnx(
         onnx.save_model(model_proto, temp[ONNX_FILE])
         runner = ORTSegmentor(temp[ONNX_FILE], deploy)
         results = check_parity(segmentor, runner, np.ascontiguousarray(img), sizes)
-        passed = all(r.ok_shape and r.agreement >= min_agreement for r in results)
+        passed = all(r.passes(min_agreement) for r in results)
+        reference = (
+            'PanopticMaskClassifier extract_feat + panoptic_head.predict_mask_classification'
+            if panoptic
+            else 'mmseg EncoderDecoder.encode_decode'
+        )
         parity = {
             'passed': passed,
             'backend': 'onnxruntime',
             'min_agreement': min_agreement,
-            'reference': 'mmseg EncoderDecoder.encode_decode (PyTorch, CPU, float32)',
+            'reference': f'{reference} (PyTorch, CPU, float32)',
             'image': (extra_meta or {}).get('parity_image'),
             'max_abs_diff': max(r.max_abs_diff for r in results),
             'min_agreement_measured': min(r.agreement for r in results),
@@ -641,6 +693,20 @@ def export_onnx(
         for path in temp.values():
             path.unlink(missing_ok=True)
     return passed, results, target[ONNX_FILE]
+
+
+def _graph_outputs(model_proto) -> list[dict[str, Any]]:
+    """Name and shape (ints, or dim names such as 'batch') of every output of the graph."""
+    return [
+        {
+            'name': value.name,
+            'shape': [
+                dim.dim_param if dim.HasField('dim_param') else int(dim.dim_value)
+                for dim in value.type.tensor_type.shape.dim
+            ],
+        }
+        for value in model_proto.graph.output
+    ]
 
 
 def _exported_segmentor(segmentor):

@@ -25,7 +25,9 @@ __all__ = ['build_model', 'miou', 'segmentation_parity']
 def build_model(
     config: str | os.PathLike, checkpoint: str | None = None, random_bn_stats: bool = True
 ) -> nn.Module:
-    """A config's segmentor in eval mode on CPU, without downloading pretrained weights.
+    """A config's model in eval mode on CPU, without downloading pretrained weights.
+
+    Semantic segmentors (mmseg) and panoptic detectors (mmdet configs) alike.
 
     Args:
         config: Config file.
@@ -41,6 +43,7 @@ def build_model(
     from mmengine.model.utils import revert_sync_batchnorm
     from mmengine.registry import DefaultScope
 
+    from effvision.apis.inference import num_model_classes
     from effvision.registry import MODELS
     from effvision.utils import register_all_modules
 
@@ -62,7 +65,7 @@ def build_model(
                 n = module.num_features
                 module.running_mean.copy_(0.2 * torch.randn(n, generator=generator))
                 module.running_var.copy_(0.5 + torch.rand(n, generator=generator))
-    num_classes = _exported_segmentor(model).decode_head.num_classes
+    num_classes = num_model_classes(_exported_segmentor(model))
     model.dataset_meta = dict(
         classes=[f'class_{i}' for i in range(num_classes)],
         palette=[[(37 * i) % 256, (91 * i) % 256, (173 * i) % 256] for i in range(num_classes)],
@@ -107,26 +110,40 @@ def segmentation_parity(
 
     Returns:
         dict: ``max_abs_diff``, ``agreement`` (fraction of pixels with the same class, all
-        images), ``miou_pytorch`` and ``miou_backend`` (in %), ``images``.
+        images), ``panoptic_agreement`` (a panoptic export: the worst image's fraction of pixels
+        with the same panoptic id; else None), ``miou_pytorch`` and ``miou_backend`` (in %, of
+        the semantic maps), ``images``.
     """
     segmentor = _exported_segmentor(model).eval()
     num_classes = int(runner.meta['num_classes'])
     backend_labels, torch_labels, max_diff, agree, pixels = [], [], 0.0, 0, 0
+    panoptic_agree = []
     for img in images:
         x = runner.preprocess(img)
         h, w = x.shape[2:]
-        metas = [dict(img_shape=(h, w), ori_shape=(h, w), pad_shape=(h, w))]
-        with torch.no_grad():
-            ref = segmentor.encode_decode(torch.from_numpy(x), metas).numpy()
-        out = runner.logits(x)
-        max_diff = max(max_diff, float(np.abs(out - ref).max()))
-        torch_labels.append(ref.argmax(1)[0])
-        backend_labels.append(out.argmax(1)[0])
+        if runner.task == 'panoptic':
+            from .panoptic import compare_panoptic
+
+            result, out_labels, ref_labels = compare_panoptic(segmentor, runner, x)
+            if out_labels is None:
+                raise RuntimeError(f'the export failed to run: {result.error}')
+            max_diff = max(max_diff, result.max_abs_diff)
+            panoptic_agree.append(result.panoptic_agreement)
+        else:
+            metas = [dict(img_shape=(h, w), ori_shape=(h, w), pad_shape=(h, w))]
+            with torch.no_grad():
+                ref = segmentor.encode_decode(torch.from_numpy(x), metas).numpy()
+            out = runner.logits(x)
+            max_diff = max(max_diff, float(np.abs(out - ref).max()))
+            out_labels, ref_labels = out.argmax(1), ref.argmax(1)
+        torch_labels.append(ref_labels[0])
+        backend_labels.append(out_labels[0])
         agree += int((torch_labels[-1] == backend_labels[-1]).sum())
         pixels += h * w
     return dict(
         max_abs_diff=max_diff,
         agreement=agree / pixels,
+        panoptic_agreement=min(panoptic_agree) if panoptic_agree else None,
         miou_pytorch=miou(torch_labels, gts, num_classes),
         miou_backend=miou(backend_labels, gts, num_classes),
         images=len(images),

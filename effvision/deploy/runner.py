@@ -100,6 +100,13 @@ class SegmentorRunner:
         self.meta = meta
         self.input_name = meta['input']['name']
         self.output_name = meta['output']['name']
+        # a panoptic export has several outputs ('outputs'); 'output' is the first of them
+        self.output_names = [o['name'] for o in meta.get('outputs') or [meta['output']]]
+
+    @property
+    def task(self) -> str:
+        """'semantic' (one logits output) or 'panoptic' (class and mask logits)."""
+        return self.meta.get('task', 'semantic')
 
     @property
     def classes(self) -> list[str]:
@@ -190,9 +197,17 @@ class SegmentorRunner:
         pre = self.meta['preprocess']
         return normalize_image(img, pre['mean'], pre['std'], pre['bgr_to_rgb'])
 
+    def run(self, inputs: np.ndarray) -> dict[str, np.ndarray]:
+        """Runs the graph on (N, 3, H, W) normalised float32: every output, by name.
+
+        Raises:
+            InputShapeError: The shape is outside what the model was built for.
+        """
+        raise NotImplementedError
+
     def logits(self, inputs: np.ndarray) -> np.ndarray:
         """Runs the graph: (N, 3, H, W) normalised float32 -> (N, C, H, W) logits."""
-        raise NotImplementedError
+        return self.run(inputs)[self.output_name]
 
     def predict(
         self, img: np.ndarray | str | os.PathLike, size: tuple[int, int] | None = None

@@ -1,11 +1,13 @@
-"""An exported segmentor as an mmseg model, so mmengine's test loop can evaluate it.
+"""An exported model as an mmseg (or mmdet) model, so mmengine's test loop can evaluate it.
 
 ``tools/test.py CONFIG DEPLOY_DIR --backend onnxruntime`` replaces the config's model with a
 :class:`DeployedSegmentor`: the config's data preprocessor normalises and pads the batch exactly
 as for the PyTorch model, the exported graph computes the logits, and mmseg's own
 ``EncoderDecoder`` inference (whole or slide) and ``postprocess_result`` (padding crop, flip,
 resize to the original shape, argmax) run unchanged, so the dataset's metric compares the two
-backends on equal terms.
+backends on equal terms. A panoptic config (mmdet, kMaX-DeepLab / PEM) gets a
+:class:`DeployedPanopticSegmentor` the same way: mmdet's preprocessing, the graph's class and mask
+logits, and the config's own fusion head for the panoptic and semantic maps.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from mmdet.models.detectors.base import BaseDetector
 from mmengine.config import ConfigDict
 from mmseg.models.segmentors import BaseSegmentor, EncoderDecoder
 from torch import Tensor
@@ -24,7 +27,7 @@ from torch import Tensor
 from effvision.registry import MODELS
 
 from .onnx import META_FILE, ONNX_FILE, ORTSegmentor
-from .runner import InputShapeError
+from .runner import InputShapeError, SegmentorRunner
 
 BACKENDS = ('onnxruntime', 'tensorrt')
 
@@ -58,47 +61,16 @@ class DeployedSegmentor(BaseSegmentor):
         num_classes: int | None = None,
     ) -> None:
         super().__init__(data_preprocessor=data_preprocessor)
-        if backend not in BACKENDS:
-            raise DeployedModelError(
-                f'backend {backend!r} is not available; implemented: {", ".join(BACKENDS)}'
-            )
-        if backend == 'tensorrt':
-            from .tensorrt import TRTSegmentor
-
-            self.runner = TRTSegmentor.from_dir(deploy_dir)
-        else:
-            self.runner = ORTSegmentor.from_dir(deploy_dir, providers)
+        self.runner = load_runner(deploy_dir, backend, providers, task='semantic')
         meta = self.runner.meta
         self.test_cfg = ConfigDict({'mode': 'whole', **(test_cfg or {})})
-        self._check_preprocessing(meta['preprocess'], deploy_dir)
-        self.out_channels = int(meta['num_classes'])
-        if num_classes is not None and num_classes != self.out_channels:
-            raise DeployedModelError(
-                f'the model in {deploy_dir} predicts {self.out_channels} classes but the '
-                f'config has {num_classes}; use the config the model was exported from'
-            )
+        check_preprocessing(self.data_preprocessor, meta['preprocess'], deploy_dir)
+        self.out_channels = check_num_classes(meta, num_classes, deploy_dir)
         self.align_corners = bool(meta['postprocess']['align_corners'])
         # postprocess_result reads decode_head.threshold for one-channel (sigmoid) models
         self.decode_head = SimpleNamespace(
             threshold=meta['postprocess'].get('threshold'), num_classes=self.out_channels
         )
-
-    def _check_preprocessing(self, exported: dict[str, Any], deploy_dir) -> None:
-        """The config's normalisation must be the one baked into the export."""
-        dp = self.data_preprocessor
-        mean = dp.mean.flatten().tolist() if dp._enable_normalize else [0.0, 0.0, 0.0]
-        std = dp.std.flatten().tolist() if dp._enable_normalize else [1.0, 1.0, 1.0]
-        same = (
-            np.allclose(mean, exported['mean'], rtol=1e-6, atol=1e-4)
-            and np.allclose(std, exported['std'], rtol=1e-6, atol=1e-4)
-            and bool(dp.channel_conversion) == bool(exported['bgr_to_rgb'])
-        )
-        if not same:
-            raise DeployedModelError(
-                f'the config normalises with mean {mean}, std {std}, bgr_to_rgb '
-                f'{bool(dp.channel_conversion)} but {deploy_dir} was exported with '
-                f'{exported}; use the config the model was exported from'
-            )
 
     # mmseg's whole/slide inference and prediction, driven by encode_decode below
     predict = EncoderDecoder.predict
@@ -116,20 +88,7 @@ class DeployedSegmentor(BaseSegmentor):
         Returns:
             Logits (N, num_classes, H, W) at the input size.
         """
-        size = tuple(inputs.shape[2:])
-        if not self.runner.dynamic and size != self.runner.input_size:
-            h, w = self.runner.input_size
-            raise DeployedModelError(
-                f'the exported model is static at {h}x{w} but the test pipeline gives '
-                f'{size[0]}x{size[1]} inputs; re-export with --dynamic, or make the test '
-                f'pipeline produce {h}x{w} images (or slide inference with {h}x{w} crops)'
-            )
-        try:
-            self.runner.check_input(inputs.shape)
-        except InputShapeError as err:
-            raise DeployedModelError(
-                f'{err} (the test pipeline or slide crops decide the size the model gets)'
-            ) from None
+        check_input_size(self.runner, inputs)
         array = inputs.detach().to('cpu', torch.float32).numpy()
         logits = self.runner.logits(np.ascontiguousarray(array))
         return torch.from_numpy(logits).to(inputs.device)
@@ -147,13 +106,173 @@ class DeployedSegmentor(BaseSegmentor):
         return self.encode_decode(inputs, [])
 
 
+@MODELS.register_module()
+class DeployedPanopticSegmentor(BaseDetector):
+    """Runs a panoptic export (kMaX-DeepLab, PEM) inside mmdet's test loop.
+
+    The graph gives class and mask logits; the masks are upsampled to the padded input size with
+    the head's rule recorded in ``deploy.json``, and the config's fusion head (rule and
+    thresholds of its ``test_cfg``) merges them exactly as ``PanopticMaskClassifier.predict``
+    does. Predictions carry ``pred_panoptic_seg`` and ``pred_sem_seg``.
+
+    Args:
+        deploy_dir: Folder written by ``tools/deploy.py`` from a panoptic config.
+        data_preprocessor: The PyTorch model's ``DetDataPreprocessor`` (or
+            ``CanvasDetDataPreprocessor``) config; its normalisation must match the export's.
+        panoptic_fusion_head: The PyTorch model's ``MaskClassificationFusionHead`` config.
+        test_cfg: The PyTorch model's ``test_cfg`` (the fusion thresholds).
+        backend: ``'onnxruntime'`` or ``'tensorrt'``.
+        providers: onnxruntime execution providers (default: CPU).
+        num_classes: Classes of the config's panoptic head; checked against the export.
+    """
+
+    def __init__(
+        self,
+        deploy_dir: str | os.PathLike,
+        data_preprocessor: dict,
+        panoptic_fusion_head: dict,
+        test_cfg: dict | None = None,
+        backend: str = 'onnxruntime',
+        providers: list[str] | None = None,
+        num_classes: int | None = None,
+    ) -> None:
+        super().__init__(data_preprocessor=data_preprocessor)
+        self.runner = load_runner(deploy_dir, backend, providers, task='panoptic')
+        meta = self.runner.meta
+        check_preprocessing(self.data_preprocessor, meta['preprocess'], deploy_dir)
+        num_classes = check_num_classes(meta, num_classes, deploy_dir)
+        fusion_cfg = dict(panoptic_fusion_head, test_cfg=test_cfg)
+        self.panoptic_fusion_head = MODELS.build(fusion_cfg)
+        exported = meta['postprocess']['fusion']
+        config = {
+            'rule': self.panoptic_fusion_head.rule,
+            'num_things_classes': self.panoptic_fusion_head.num_things_classes,
+            'num_stuff_classes': self.panoptic_fusion_head.num_stuff_classes,
+        }
+        if any(exported[key] != value for key, value in config.items()):
+            raise DeployedModelError(
+                f'the config merges with {config} but {deploy_dir} was exported from a model '
+                f'with { ({key: exported[key] for key in config}) }; use the config the model was '
+                'exported from'
+            )
+        # read by effvision.apis.num_model_classes (demo palettes)
+        self.panoptic_head = SimpleNamespace(num_classes=num_classes)
+
+    def predict(self, batch_inputs: Tensor, batch_data_samples: list, rescale: bool = True):
+        """Panoptic and semantic predictions of a batch.
+
+        Args:
+            batch_inputs: ``(B, 3, H, W)`` normalised, padded images.
+            batch_data_samples: mmdet data samples with their metainfo.
+            rescale: Return maps at ``ori_shape``.
+
+        Returns:
+            The data samples with ``pred_panoptic_seg`` and ``pred_sem_seg`` set.
+        """
+        from effvision.models.segmentors.mask_classifier import attach_predictions
+
+        cls_logits, mask_logits = self._forward(batch_inputs)
+        return attach_predictions(
+            self.panoptic_fusion_head, cls_logits, mask_logits, batch_data_samples, rescale
+        )
+
+    def _forward(self, batch_inputs: Tensor, batch_data_samples=None) -> tuple[Tensor, Tensor]:
+        """``(B, Q, K+1)`` class and ``(B, Q, H, W)`` mask logits at the padded input size."""
+        from .panoptic import runner_mask_logits
+
+        check_input_size(self.runner, batch_inputs)
+        array = batch_inputs.detach().to('cpu', torch.float32).numpy()
+        cls_logits, mask_logits = runner_mask_logits(self.runner, array)
+        return cls_logits.to(batch_inputs.device), mask_logits.to(batch_inputs.device)
+
+    def extract_feat(self, batch_inputs: Tensor):
+        """Not available: the exported graph gives logits only."""
+        raise NotImplementedError('an exported model has no features; only predict() runs')
+
+    def loss(self, batch_inputs: Tensor, batch_data_samples):
+        """Not available: an exported model is not trained."""
+        raise NotImplementedError('an exported model cannot be trained; use the PyTorch model')
+
+
+def load_runner(
+    deploy_dir: str | os.PathLike,
+    backend: str,
+    providers: list[str] | None = None,
+    task: str | None = None,
+) -> SegmentorRunner:
+    """The backend runner of an export folder, checked to hold a model of ``task``."""
+    if backend not in BACKENDS:
+        raise DeployedModelError(
+            f'backend {backend!r} is not available; implemented: {", ".join(BACKENDS)}'
+        )
+    if backend == 'tensorrt':
+        from .tensorrt import TRTSegmentor
+
+        runner = TRTSegmentor.from_dir(deploy_dir)
+    else:
+        runner = ORTSegmentor.from_dir(deploy_dir, providers)
+    if task is not None and runner.task != task:
+        raise DeployedModelError(
+            f'{deploy_dir} holds a {runner.task} export but the config is a {task} model; use '
+            'the config the model was exported from'
+        )
+    return runner
+
+
+def check_preprocessing(dp, exported: dict[str, Any], deploy_dir) -> None:
+    """The config's normalisation (mmseg's or mmdet's preprocessor) must be the export's."""
+    mean = dp.mean.flatten().tolist() if dp._enable_normalize else [0.0, 0.0, 0.0]
+    std = dp.std.flatten().tolist() if dp._enable_normalize else [1.0, 1.0, 1.0]
+    bgr_to_rgb = bool(getattr(dp, 'channel_conversion', getattr(dp, '_channel_conversion', False)))
+    same = (
+        np.allclose(mean, exported['mean'], rtol=1e-6, atol=1e-4)
+        and np.allclose(std, exported['std'], rtol=1e-6, atol=1e-4)
+        and bgr_to_rgb == bool(exported['bgr_to_rgb'])
+    )
+    if not same:
+        raise DeployedModelError(
+            f'the config normalises with mean {mean}, std {std}, bgr_to_rgb {bgr_to_rgb} but '
+            f'{deploy_dir} was exported with {exported}; use the config the model was exported '
+            'from'
+        )
+
+
+def check_num_classes(meta: dict[str, Any], num_classes: int | None, deploy_dir) -> int:
+    """The export's number of classes, refused when the config's differs."""
+    exported = int(meta['num_classes'])
+    if num_classes is not None and num_classes != exported:
+        raise DeployedModelError(
+            f'the model in {deploy_dir} predicts {exported} classes but the config has '
+            f'{num_classes}; use the config the model was exported from'
+        )
+    return exported
+
+
+def check_input_size(runner: SegmentorRunner, inputs: Tensor) -> None:
+    """Refuses a batch the export cannot take, naming what decides its size."""
+    size = tuple(inputs.shape[2:])
+    if not runner.dynamic and size != runner.input_size:
+        h, w = runner.input_size
+        raise DeployedModelError(
+            f'the exported model is static at {h}x{w} but the test pipeline gives '
+            f'{size[0]}x{size[1]} inputs; re-export with --dynamic, or make the test '
+            f'pipeline produce {h}x{w} images (or slide inference with {h}x{w} crops)'
+        )
+    try:
+        runner.check_input(inputs.shape)
+    except InputShapeError as err:
+        raise DeployedModelError(
+            f'{err} (the test pipeline or slide crops decide the size the model gets)'
+        ) from None
+
+
 def deployed_model_cfg(
     model_cfg: dict, deploy_dir: str | os.PathLike, backend: str = 'onnxruntime'
 ) -> dict:
     """The model config that runs ``deploy_dir`` in place of the PyTorch model ``model_cfg``.
 
-    Keeps the PyTorch model's data preprocessor and ``test_cfg``; refuses configs that are not
-    mmseg segmentors (panoptic and detection models have no exported form yet).
+    Keeps the PyTorch model's data preprocessor and ``test_cfg`` (and a panoptic model's fusion
+    head); refuses detection configs (Mask R-CNN has no exported form yet).
     """
     from .tensorrt import ENGINE_FILE
 
@@ -165,13 +284,24 @@ def deployed_model_cfg(
                 f'written by tools/deploy.py (`python tools/deploy.py CONFIG CHECKPOINT '
                 f'--out-dir {deploy_dir} --backend {backend}`)'
             )
-    if 'data_preprocessor' not in model_cfg or 'panoptic_head' in model_cfg:
-        raise DeployedModelError(
-            f'--backend {backend} runs exported semantic-segmentation models (mmseg configs '
-            f'with a data_preprocessor); {model_cfg.get("type")} is not one'
+    if 'data_preprocessor' in model_cfg and 'panoptic_head' in model_cfg:
+        return dict(
+            type='effvision.DeployedPanopticSegmentor',
+            deploy_dir=os.path.abspath(deploy_dir),
+            data_preprocessor=model_cfg['data_preprocessor'],
+            panoptic_fusion_head=model_cfg['panoptic_fusion_head'],
+            test_cfg=model_cfg.get('test_cfg'),
+            backend=backend,
+            num_classes=model_cfg['panoptic_head'].get('num_classes'),
         )
     # a UDA model (DACS) keeps its segmentor under 'model'; the export is that student
     head = model_cfg.get('decode_head') or (model_cfg.get('model') or {}).get('decode_head')
+    if 'data_preprocessor' not in model_cfg or not head:
+        raise DeployedModelError(
+            f'--backend {backend} runs exported semantic-segmentation models (mmseg configs '
+            f'with a decode_head) and panoptic mask-classification models (kMaX-DeepLab, '
+            f'PEM); {model_cfg.get("type")} is neither: evaluate it with --backend pytorch'
+        )
     return dict(
         type='effvision.DeployedSegmentor',
         deploy_dir=os.path.abspath(deploy_dir),
@@ -184,7 +314,7 @@ def deployed_model_cfg(
 
 def init_deployed_model(
     config, deploy_dir: str | os.PathLike, backend: str = 'onnxruntime'
-) -> DeployedSegmentor:
+) -> DeployedSegmentor | DeployedPanopticSegmentor:
     """An exported model with the config's pipeline, for :func:`effvision.apis.inference_model`.
 
     Args:
@@ -193,7 +323,8 @@ def init_deployed_model(
         backend: ``'onnxruntime'`` or ``'tensorrt'``.
 
     Returns:
-        The :class:`DeployedSegmentor` in eval mode, with ``cfg`` and ``dataset_meta`` (classes
+        The :class:`DeployedSegmentor` (:class:`DeployedPanopticSegmentor` for a panoptic
+        config) in eval mode, with ``cfg`` and ``dataset_meta`` (classes
         and palette of the export) attached, as :func:`effvision.apis.init_model` returns.
     """
     import copy

@@ -917,10 +917,10 @@ class TRTSegmentor(SegmentorRunner):
         names = [self.engine.get_tensor_name(i) for i in range(self.engine.num_io_tensors)]
         inputs = [n for n in names if self.engine.get_tensor_mode(n) == trt.TensorIOMode.INPUT]
         self._outputs = [n for n in names if n not in inputs]
-        if inputs != [self.input_name] or self.output_name not in self._outputs:
+        if inputs != [self.input_name] or not set(self.output_names) <= set(self._outputs):
             raise TensorRTError(
                 f'{engine_file} has inputs {inputs} and outputs {self._outputs} but {META_FILE} '
-                f'describes input {self.input_name!r} and output {self.output_name!r}: the '
+                f'describes input {self.input_name!r} and outputs {self.output_names}: the '
                 'engine was built from another export; rebuild it (tools/deploy.py ... --backend '
                 'tensorrt)'
             )
@@ -978,8 +978,8 @@ class TRTSegmentor(SegmentorRunner):
                 'with a larger max_batch / max_size to widen it)'
             ) from None
 
-    def logits(self, inputs: np.ndarray) -> np.ndarray:
-        """Runs the engine: (N, 3, H, W) normalised float32 -> (N, C, H, W) float32 logits.
+    def run(self, inputs: np.ndarray) -> dict[str, np.ndarray]:
+        """Runs the engine on (N, 3, H, W) normalised float32: every output, float32, by name.
 
         Raises:
             InputShapeError: The shape is outside the engine's profile.
@@ -1008,6 +1008,6 @@ class TRTSegmentor(SegmentorRunner):
                 raise TensorRTError(
                     f'TensorRT failed to run the engine on an input of shape {tuple(x.shape)}'
                 )
-            out = buffers[self.output_name].float().cpu()  # waits for the stream
+            outputs = {name: buffers[name].float().cpu() for name in self.output_names}
         self.stream.synchronize()
-        return out.numpy()
+        return {name: out.numpy() for name, out in outputs.items()}

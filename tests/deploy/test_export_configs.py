@@ -1,11 +1,13 @@
-"""Every shipped semantic-segmentation config exports to ONNX and keeps its numbers.
+"""Every shipped segmentation config exports to ONNX and keeps its numbers.
 
 Each config's model (random weights, random BatchNorm statistics so that folding them into the
 convolutions is exercised) is exported at 64x64 in its deploy form and checked against PyTorch:
 onnxruntime must agree on >= 99.9 % of the pixels of the first synthetic validation image, and
 the mIoU of both backends on the synthetic validation set must be equal to 0.1. CI runs one
 config per backbone family and per head (EXPORT_CI); `make test-all` runs the rest.
-Panoptic and detection configs (mmdet) have no export yet and must say so.
+Panoptic configs (kMaX-DeepLab, PEM as mmdet models) must agree on the semantic and the panoptic
+maps of every synthetic validation image; their CI export, with PQ through tools/test.py, is
+tests/deploy/test_panoptic.py. Detection configs (Mask R-CNN) have no export yet and must say so.
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ from mmengine.config import Config
 from mmengine.registry import DefaultScope
 
 from effvision.apis import read_image
-from effvision.deploy.onnx import ExportError, ORTSegmentor, export_onnx
+from effvision.deploy.onnx import ExportError, ORTSegmentor, check_parity, export_onnx
 from effvision.deploy.parity import build_model, segmentation_parity
 from effvision.utils import register_all_modules
 from tests.conftest import CONFIGS, REPO_ROOT, config_param
@@ -38,6 +40,7 @@ EXPORT_CI = {
     'pem/pem_swin-nano_1xb8-2k_shapes-128x128.py',  # PEM head, deformable conv as plain ops
 }
 SEMANTIC = [p for p in CONFIGS if Config.fromfile(p).default_scope != 'mmdet']
+PANOPTIC = [p for p in CONFIGS if 'panoptic_head' in Config.fromfile(p).model]
 # Dynamic H/W in CI for one model with each kind of size handling the export rewrites: integer
 # upsampling (FPN head) and EfficientFormerV2's strided attention; the rest in `make test-all`.
 DYNAMIC_CI = {
@@ -80,14 +83,35 @@ def test_config_exports_dynamic_with_parity_at_two_sizes(path, shapes_root, tmp_
     _check_config(path, shapes_root, tmp_path, dynamic=True)
 
 
-@pytest.mark.parametrize(
-    'name',
-    [
-        'swin/mask-rcnn_swin-t_fpn_ms-crop-1x_coco.py',
-        'pem/pem_swin-nano_1xb8-2k_shapes-panoptic-128x128.py',
-    ],
-)
-def test_detection_and_panoptic_configs_say_they_have_no_export(name, tmp_path):
+def _check_panoptic_config(path: Path, shapes_root: Path, out: Path, dynamic: bool) -> None:
+    model = build_model(path)  # random weights and BatchNorm statistics
+    images = [read_image(p) for p in sorted((shapes_root / 'images' / 'validation').iterdir())]
+    passed, results, _ = export_onnx(model, out, images[0], shape=SIZE, dynamic=dynamic)
+    assert passed, results
+    runner = ORTSegmentor.from_dir(out)
+    for img in images[1:]:
+        (result,) = check_parity(model, runner, img, [SIZE])
+        assert result.agreement >= 0.999 and result.panoptic_agreement >= 0.999, result
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize('path', PANOPTIC, ids=_ids)
+def test_panoptic_config_exports_static_with_parity_on_the_synthetic_set(
+    path, shapes_root, tmp_path
+):
+    _check_panoptic_config(path, shapes_root, tmp_path, dynamic=False)
+
+
+# kMaX-DeepLab pads every image to one canvas and exports static (its dynamic refusal is tested
+# in test_panoptic.py)
+@pytest.mark.slow
+@pytest.mark.parametrize('path', [p for p in PANOPTIC if 'kmax' not in p.name], ids=_ids)
+def test_panoptic_config_exports_dynamic_with_parity(path, shapes_root, tmp_path):
+    _check_panoptic_config(path, shapes_root, tmp_path, dynamic=True)
+
+
+def test_detection_configs_say_they_have_no_export(tmp_path):
+    name = 'swin/mask-rcnn_swin-t_fpn_ms-crop-1x_coco.py'
     from mmdet.registry import MODELS as DET_MODELS
     from mmengine.utils import import_modules_from_strings
 

@@ -6,6 +6,10 @@ hundred iterations, train through tools/train.py on the synthetic COCO-panoptic 
 evaluated by tools/test.py's evaluators (PQ from the panoptic output, mIoU from the semantic
 output) on the 60 validation images. A model that predicts nothing scores PQ 0; one that paints
 every pixel with the most frequent class scores mIoU about 4.
+
+The trained models are then exported (tools/deploy.py) and evaluated again with
+`tools/test.py --backend onnxruntime`: the deployment issue's metric parity on a model whose PQ
+is far from 0 (random weights score PQ 0 with both backends).
 """
 
 from __future__ import annotations
@@ -80,21 +84,59 @@ def _canvas(head: str) -> str:
     return 'model = dict(data_preprocessor=dict(canvas=crop))\n' if head == 'kmax' else ''
 
 
-@pytest.mark.parametrize('head', ['kmax', 'pem'])
-def test_head_learns_panoptic_segmentation(head, shapes64, tmp_path):
-    config = tmp_path / f'{head}.py'
+def _run(*args) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, *map(str, args)], cwd=REPO_ROOT, capture_output=True, text=True,
+        timeout=1500, check=False,
+    )  # fmt: skip
+
+
+@pytest.fixture(scope='module', params=['kmax', 'pem'])
+def trained(request, shapes64, tmp_path_factory) -> dict:
+    """A head trained by tools/train.py: its config, checkpoint and final validation metrics."""
+    head = request.param
+    root = tmp_path_factory.mktemp(f'learns_{head}')
+    config = root / f'{head}.py'
     text = _SHRINK.format(base=CONFIGS[head], iters=ITERS[head], data=shapes64)
     config.write_text(text + _canvas(head))
-    work_dir = tmp_path / 'work'
-    proc = subprocess.run(
-        [sys.executable, 'tools/train.py', str(config), '--work-dir', str(work_dir)],
-        cwd=REPO_ROOT, capture_output=True, text=True, timeout=1500,
-    )  # fmt: skip
+    work_dir = root / 'work'
+    proc = _run('tools/train.py', config, '--work-dir', work_dir)
     assert proc.returncode == 0, proc.stderr[-3000:]
     (scalars,) = work_dir.glob('*/vis_data/scalars.json')
     metrics = [json.loads(line) for line in scalars.read_text().splitlines()]
     final = [m for m in metrics if 'coco_panoptic/PQ' in m][-1]
+    checkpoint = (work_dir / 'last_checkpoint').read_text().strip()
+    return dict(head=head, config=config, checkpoint=checkpoint, final=final, root=root)
+
+
+def test_head_learns_panoptic_segmentation(trained):
+    head, final = trained['head'], trained['final']
     pq, miou = final['coco_panoptic/PQ'], final['mIoU']
     print(f'{head}: PQ {pq:.2f} (things {final["coco_panoptic/PQ_th"]:.2f}, stuff '
           f'{final["coco_panoptic/PQ_st"]:.2f}), mIoU {miou:.2f}')  # fmt: skip
     assert pq >= MIN_PQ[head] and miou >= MIN_MIOU[head], final
+
+
+def test_trained_head_exports_with_the_same_pq(trained):
+    """The exported model (onnxruntime) scores the PyTorch PQ and mIoU on the 60 images."""
+    deploy_dir, work_dir = trained['root'] / 'deploy', trained['root'] / 'test_onnxruntime'
+    proc = _run(
+        'tools/deploy.py', trained['config'], trained['checkpoint'], '--out-dir', deploy_dir,
+        '--shape', '64', '64',
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    proc = _run(
+        'tools/test.py', trained['config'], deploy_dir, '--backend', 'onnxruntime',
+        '--work-dir', work_dir,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    (result,) = work_dir.glob('*/*.json')
+    exported = json.loads(result.read_text())
+    pytorch = trained['final']
+    print(
+        f'{trained["head"]}: PyTorch PQ {pytorch["coco_panoptic/PQ"]:.2f} mIoU '
+        f'{pytorch["mIoU"]:.2f}; onnxruntime PQ {exported["coco_panoptic/PQ"]:.2f} mIoU '
+        f'{exported["mIoU"]:.2f}'
+    )
+    for key in ('coco_panoptic/PQ', 'coco_panoptic/PQ_th', 'coco_panoptic/PQ_st', 'mIoU'):
+        assert abs(exported[key] - pytorch[key]) <= 0.1, (key, exported, pytorch)
