@@ -679,6 +679,11 @@ def export_onnx(
             'image': (extra_meta or {}).get('parity_image'),
             'max_abs_diff': max(r.max_abs_diff for r in results),
             'min_agreement_measured': min(r.agreement for r in results),
+            **(
+                {'min_panoptic_agreement_measured': min(r.panoptic_agreement for r in results)}
+                if panoptic and all(r.ok_shape for r in results)
+                else {}
+            ),
             'results': [asdict(r) for r in results],
         }
         deploy['parity'] = {'passed': passed, 'file': PARITY_FILE}

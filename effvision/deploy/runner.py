@@ -206,7 +206,17 @@ class SegmentorRunner:
         raise NotImplementedError
 
     def logits(self, inputs: np.ndarray) -> np.ndarray:
-        """Runs the graph: (N, 3, H, W) normalised float32 -> (N, C, H, W) logits."""
+        """Runs the graph: (N, 3, H, W) normalised float32 -> (N, C, H, W) logits.
+
+        Raises:
+            ValueError: A panoptic export (class and mask logits, see :meth:`run`).
+        """
+        if self.task == 'panoptic':
+            raise ValueError(
+                'a panoptic export has class and mask logits, not per-pixel logits: use run(), '
+                'or effvision.deploy.init_deployed_model(CONFIG, DEPLOY_DIR) with '
+                'effvision.apis.inference_model for panoptic and semantic maps'
+            )
         return self.run(inputs)[self.output_name]
 
     def predict(

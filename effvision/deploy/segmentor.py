@@ -61,11 +61,10 @@ class DeployedSegmentor(BaseSegmentor):
         num_classes: int | None = None,
     ) -> None:
         super().__init__(data_preprocessor=data_preprocessor)
-        self.runner = load_runner(deploy_dir, backend, providers, task='semantic')
+        self.runner = open_export(self, deploy_dir, backend, providers, 'semantic', num_classes)
         meta = self.runner.meta
         self.test_cfg = ConfigDict({'mode': 'whole', **(test_cfg or {})})
-        check_preprocessing(self.data_preprocessor, meta['preprocess'], deploy_dir)
-        self.out_channels = check_num_classes(meta, num_classes, deploy_dir)
+        self.out_channels = int(meta['num_classes'])
         self.align_corners = bool(meta['postprocess']['align_corners'])
         # postprocess_result reads decode_head.threshold for one-channel (sigmoid) models
         self.decode_head = SimpleNamespace(
@@ -137,10 +136,8 @@ class DeployedPanopticSegmentor(BaseDetector):
         num_classes: int | None = None,
     ) -> None:
         super().__init__(data_preprocessor=data_preprocessor)
-        self.runner = load_runner(deploy_dir, backend, providers, task='panoptic')
+        self.runner = open_export(self, deploy_dir, backend, providers, 'panoptic', num_classes)
         meta = self.runner.meta
-        check_preprocessing(self.data_preprocessor, meta['preprocess'], deploy_dir)
-        num_classes = check_num_classes(meta, num_classes, deploy_dir)
         fusion_cfg = dict(panoptic_fusion_head, test_cfg=test_cfg)
         self.panoptic_fusion_head = MODELS.build(fusion_cfg)
         exported = meta['postprocess']['fusion']
@@ -156,7 +153,7 @@ class DeployedPanopticSegmentor(BaseDetector):
                 'exported from'
             )
         # read by effvision.apis.num_model_classes (demo palettes)
-        self.panoptic_head = SimpleNamespace(num_classes=num_classes)
+        self.panoptic_head = SimpleNamespace(num_classes=int(meta['num_classes']))
 
     def predict(self, batch_inputs: Tensor, batch_data_samples: list, rescale: bool = True):
         """Panoptic and semantic predictions of a batch.
@@ -192,6 +189,33 @@ class DeployedPanopticSegmentor(BaseDetector):
     def loss(self, batch_inputs: Tensor, batch_data_samples):
         """Not available: an exported model is not trained."""
         raise NotImplementedError('an exported model cannot be trained; use the PyTorch model')
+
+
+def open_export(
+    model,
+    deploy_dir: str | os.PathLike,
+    backend: str,
+    providers: list[str] | None,
+    task: str,
+    num_classes: int | None,
+) -> SegmentorRunner:
+    """The backend runner of an export folder, checked against the config's model.
+
+    Args:
+        model: The deployed model being built (its ``data_preprocessor`` is checked).
+        deploy_dir: Folder written by ``tools/deploy.py``.
+        backend: ``'onnxruntime'`` or ``'tensorrt'``.
+        providers: onnxruntime execution providers.
+        task: ``'semantic'`` or ``'panoptic'``: what the config's model is.
+        num_classes: Classes of the config's head, or None.
+
+    Raises:
+        DeployedModelError: Another backend, task, normalisation or number of classes.
+    """
+    runner = load_runner(deploy_dir, backend, providers, task)
+    check_preprocessing(model.data_preprocessor, runner.meta['preprocess'], deploy_dir)
+    check_num_classes(runner.meta, num_classes, deploy_dir)
+    return runner
 
 
 def load_runner(

@@ -39,8 +39,9 @@ EXPORT_CI = {
     'kmax_deeplab/kmax-deeplab_swin-nano_1xb8-2k_shapes-128x128.py',  # kMaX head (semantic)
     'pem/pem_swin-nano_1xb8-2k_shapes-128x128.py',  # PEM head, deformable conv as plain ops
 }
-SEMANTIC = [p for p in CONFIGS if Config.fromfile(p).default_scope != 'mmdet']
-PANOPTIC = [p for p in CONFIGS if 'panoptic_head' in Config.fromfile(p).model]
+_CFGS = {p: Config.fromfile(p) for p in CONFIGS}
+SEMANTIC = [p for p, cfg in _CFGS.items() if cfg.default_scope != 'mmdet']
+PANOPTIC = [p for p, cfg in _CFGS.items() if 'panoptic_head' in cfg.model]
 # Dynamic H/W in CI for one model with each kind of size handling the export rewrites: integer
 # upsampling (FPN head) and EfficientFormerV2's strided attention; the rest in `make test-all`.
 DYNAMIC_CI = {

@@ -101,7 +101,7 @@ def test_export_records_the_host_side_post_processing(exported):
         assert meta['dynamic'] and meta['outputs'][1]['shape'][:2] == ['batch', 24]
         sizes = [r['shape'] for r in parity['results']]
         assert [2, 3, 100, 70] in sizes  # not a multiple of 32: the pixel decoder crops
-    assert parity['passed']
+    assert parity['passed'] and parity['min_panoptic_agreement_measured'] >= 0.999
     for result in parity['results']:
         assert result['agreement'] >= 0.999 and result['panoptic_agreement'] >= 0.999
 
@@ -169,6 +169,12 @@ def test_deployed_models_refuse_the_wrong_config(exported):
         DeployedPanopticSegmentor(
             exported['deploy'], cfg.model.data_preprocessor, fusion, test_cfg=None
         )
+    # the standalone runner has no per-pixel logits to give
+    from effvision.deploy import ORTSegmentor
+
+    runner = ORTSegmentor.from_dir(exported['deploy'])
+    with pytest.raises(ValueError, match='init_deployed_model'):
+        runner.logits(np.zeros((1, 3, 128, 128), np.float32))
     # another number of classes
     model_cfg = deployed_model_cfg(cfg.model, exported['deploy'])
     assert model_cfg.pop('type') == 'effvision.DeployedPanopticSegmentor'
