@@ -140,17 +140,16 @@ class DeployedPanopticSegmentor(BaseDetector):
         meta = self.runner.meta
         fusion_cfg = dict(panoptic_fusion_head, test_cfg=test_cfg)
         self.panoptic_fusion_head = MODELS.build(fusion_cfg)
-        exported = meta['postprocess']['fusion']
         config = {
             'rule': self.panoptic_fusion_head.rule,
             'num_things_classes': self.panoptic_fusion_head.num_things_classes,
             'num_stuff_classes': self.panoptic_fusion_head.num_stuff_classes,
         }
-        if any(exported[key] != value for key, value in config.items()):
+        exported = {key: meta['postprocess']['fusion'][key] for key in config}
+        if exported != config:
             raise DeployedModelError(
                 f'the config merges with {config} but {deploy_dir} was exported from a model '
-                f'with { ({key: exported[key] for key in config}) }; use the config the model was '
-                'exported from'
+                f'with {exported}; use the config the model was exported from'
             )
         # read by effvision.apis.num_model_classes (demo palettes)
         self.panoptic_head = SimpleNamespace(num_classes=int(meta['num_classes']))
